@@ -1,0 +1,100 @@
+"""`access-log` filter: one JSON line per request, written in `on_complete`.
+
+Prompts are never logged; only `prompt_hash` (a digest of model + prompt). The
+routing fields other filters and the proxy add (tier, preferred and chosen
+endpoint, predicted vs actual cached tokens, candidate scores) are included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from filters.base import Filter
+from filters.registry import register
+from gateway.context import RequestContext
+from gateway.decode import FieldError
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    path: str = "-"  # "-" = stdout
+    include_filter_timings: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise FieldError("path", "must be a file path or '-' for stdout")
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> dict[str, Any]:
+    """The access-log record of a finished request (no prompt text, only its hash)."""
+    prompt = ctx.prompt
+    hints = ctx.hints
+    predicted = hints.matched_tokens.get(ctx.endpoint, 0) if ctx.endpoint else None
+    record: dict[str, Any] = {
+        "time": _iso(ctx.received_at),
+        "request_id": ctx.request_id,
+        "method": ctx.method,
+        "path": ctx.path,
+        "route": ctx.route,
+        "cluster": ctx.cluster,
+        "model": prompt.model if prompt else None,
+        "prompt_hash": prompt.digest if prompt else None,
+        "stream": ctx.stream,
+        "endpoint": ctx.endpoint,
+        "status": ctx.status,
+        "bytes": ctx.bytes_out,
+        "latency_ms": round(ctx.latency_ms, 3) if ctx.latency_ms is not None else None,
+        "ttfb_ms": round(ctx.ttfb_ms, 3) if ctx.ttfb_ms is not None else None,
+        "retries": ctx.retries,
+        "error": ctx.error,
+        "decision": ctx.decision,
+        "tier": hints.tier,
+        "preferred_endpoint": ctx.preferred_endpoint or hints.preferred_endpoint,
+        "prompt_tokens_local": len(ctx.token_ids) if ctx.token_ids is not None else None,
+        "predicted_cached_tokens": predicted,
+        "matched_tokens": hints.matched_tokens or None,
+        "lookup_ms": round(hints.lookup_ms, 3) if hints.lookup_ms is not None else None,
+        "prompt_tokens": ctx.usage.prompt_tokens,
+        "cached_tokens": ctx.usage.cached_tokens,
+        "scores": {k: round(v, 3) for k, v in ctx.scores.items()} or None,
+    }
+    if include_filter_timings:
+        record["filter_ms"] = {k: round(v, 3) for k, v in ctx.filter_ms.items()}
+    record.update(ctx.log_fields)
+    return record
+
+
+@register("access-log")
+class AccessLogFilter(Filter):
+    Config = AccessLogConfig
+    config: AccessLogConfig
+
+    _out: IO[str] | None = None
+
+    async def start(self) -> None:
+        if self.config.path == "-":
+            self._out = sys.stdout
+        else:
+            path = Path(self.config.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(path, "a", buffering=1)  # noqa: SIM115 - owned until close()
+
+    async def close(self) -> None:
+        if self._out is not None and self._out is not sys.stdout:
+            self._out.close()
+        self._out = None
+
+    async def on_complete(self, ctx: RequestContext) -> None:
+        if self._out is None:
+            return
+        line = json.dumps(access_record(ctx, self.config.include_filter_timings), separators=(",", ":"))
+        self._out.write(line + "\n")

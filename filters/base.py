@@ -1,0 +1,124 @@
+"""The filter contract: three async hooks with pass-through defaults.
+
+`on_request` runs in config order and may STOP with a local reply; `on_response`
+runs in reverse order once the upstream response head is known (before any byte
+reaches the client); `on_complete` runs in reverse order for every request,
+whatever happened. Filters reach cluster state only through `Services`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import httpx
+
+from gateway.context import RequestContext
+from gateway.errors import error_body
+
+
+class Action(enum.Enum):
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    status: int
+    body: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterResult:
+    action: Action
+    reply: LocalReply | None = None
+
+
+CONTINUE = FilterResult(Action.CONTINUE)
+
+
+def stop(status: int, message: str, *, code: str | None = None, param: str | None = None,
+         headers: Mapping[str, str] | None = None) -> FilterResult:
+    """STOP the chain with an OpenAI-shaped error reply."""
+    body = error_body(status, message, code=code, param=param)
+    return FilterResult(Action.STOP, LocalReply(status, body, dict(headers or {})))
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """The upstream (or local) response as it is about to be sent; filters may add headers."""
+
+    status: int
+    headers: dict[str, str]
+
+
+class EndpointView(Protocol):
+    """What a filter may read about an upstream endpoint."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def lmcache_instance_id(self) -> str: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def kv_cache_usage(self) -> float | None: ...
+    @property
+    def num_requests_waiting(self) -> int | None: ...
+
+    def eligible(self) -> bool: ...
+
+
+class ClusterDirectory(Protocol):
+    def endpoints(self, cluster: str) -> Sequence[EndpointView]: ...
+    def cluster_names(self) -> Sequence[str]: ...
+
+
+class BackgroundSubmitter(Protocol):
+    def submit(self, name: str, job: Callable[[], Awaitable[object]]) -> bool: ...
+
+
+@dataclass(slots=True)
+class Services:
+    """The small interface the app hands every filter."""
+
+    clusters: ClusterDirectory
+    background: BackgroundSubmitter
+    http: httpx.AsyncClient
+    metrics: Any = None  # prometheus_client.CollectorRegistry
+    gateway_load: Callable[[], float] = lambda: 0.0  # in-flight / capacity, 0..1+
+
+
+class Filter:
+    """Base class. Subclasses set `type_name` via `@register` and `Config` (a frozen
+    dataclass decoded strictly from the filter's `config:` mapping)."""
+
+    type_name: ClassVar[str] = ""
+    Config: ClassVar[type[Any] | None] = None
+
+    def __init__(self, config: Any, name: str, services: Services) -> None:
+        self.config = config
+        self.name = name
+        self.services = services
+
+    async def start(self) -> None:
+        """Open resources (called once, inside the app's cleanup context)."""
+
+    async def close(self) -> None:
+        """Release resources; must not raise."""
+
+    async def on_request(self, ctx: RequestContext) -> FilterResult:
+        return CONTINUE
+
+    async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        return None
+
+    async def on_complete(self, ctx: RequestContext) -> None:
+        return None

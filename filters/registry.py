@@ -1,0 +1,75 @@
+"""Filter registry: `@register("kebab-name")` on a Filter subclass; duplicates fail at import."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from filters.base import Filter, Services
+from gateway.config import FilterSpec
+from gateway.decode import ConfigError, decode_dataclass
+
+F = TypeVar("F", bound=type[Filter])
+_KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_REGISTRY: dict[str, type[Filter]] = {}
+
+
+def register(type_name: str) -> Callable[[F], F]:
+    if not _KEBAB.match(type_name):
+        raise ValueError(f"filter type {type_name!r} must be kebab-case")
+
+    def wrap(cls: F) -> F:
+        if type_name in _REGISTRY:
+            raise ValueError(f"filter type {type_name!r} registered twice ({_REGISTRY[type_name].__module__}, {cls.__module__})")
+        cls.type_name = type_name
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return wrap
+
+
+def registered() -> dict[str, type[Filter]]:
+    import filters.builtins  # noqa: F401 - registers the built-ins
+
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterPlan:
+    """A filter spec whose type exists and whose config decoded cleanly."""
+
+    cls: type[Filter]
+    name: str
+    config: Any
+
+
+def plan_filters(specs: Sequence[FilterSpec]) -> list[FilterPlan]:
+    """Validate every `filters[i]` entry; ConfigError names `filters[i](type).config...`."""
+    known = registered()
+    plans: list[FilterPlan] = []
+    names: set[str] = set()
+    for i, spec in enumerate(specs):
+        path = f"filters[{i}]"
+        cls = known.get(spec.type)
+        if cls is None:
+            raise ConfigError(f"{path}.type", f"unknown filter type {spec.type!r} (known: {', '.join(sorted(known))})")
+        name = spec.name or spec.type
+        if name in names:
+            raise ConfigError(f"{path}.name", f"filter name {name!r} used twice; give one of them a distinct `name`")
+        names.add(name)
+        plans.append(FilterPlan(cls, name, _decode_config(cls, spec.config, f"{path}({spec.type}).config")))
+    return plans
+
+
+def _decode_config(cls: type[Filter], raw: Any, path: str) -> Any:
+    if cls.Config is None:
+        if raw not in (None, {}):
+            raise ConfigError(path, f"filter {cls.type_name!r} takes no config")
+        return None
+    return decode_dataclass(cls.Config, raw, path)
+
+
+def build_filters(plans: Sequence[FilterPlan], services: Services) -> list[Filter]:
+    return [plan.cls(plan.config, plan.name, services) for plan in plans]

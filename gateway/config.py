@@ -1,0 +1,219 @@
+"""The gateway's configuration: frozen dataclasses decoded strictly from YAML.
+
+Filter configs are decoded by the filter registry (each filter owns its config
+class); here they stay raw (`FilterSpec.config`). Imports only `gateway.decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from gateway.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
+
+LbPolicy = Literal["round_robin", "least_inflight", "consistent_hash", "random", "cache_aware"]
+EndpointKind = Literal["mlx", "vllm", "openai"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    workers: int = 1
+    max_body_bytes: Bytes = 8 * 1024 * 1024
+    debug_headers: bool = False
+    drain_timeout: Seconds = 30.0
+    background_queue_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", f"must be in 0..65535, got {self.port}")
+        if self.workers < 1:
+            raise FieldError("workers", f"must be >= 1, got {self.workers}")
+        if self.max_body_bytes < 1:
+            raise FieldError("max_body_bytes", f"must be >= 1 byte, got {self.max_body_bytes}")
+        if self.background_queue_size < 1:
+            raise FieldError("background_queue_size", f"must be >= 1, got {self.background_queue_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    path: str = "/health"
+    interval: Seconds = 5.0
+    timeout: Seconds = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise FieldError("path", f"must start with '/', got {self.path!r}")
+        if self.interval <= 0:
+            raise FieldError("interval", "must be > 0")
+        for name in ("unhealthy_threshold", "healthy_threshold"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = 5
+    recovery_timeout: Seconds = 10.0
+    half_open_max_calls: int = 2
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise FieldError("failure_threshold", f"must be >= 1, got {self.failure_threshold}")
+        if self.half_open_max_calls < 1:
+            raise FieldError("half_open_max_calls", f"must be >= 1, got {self.half_open_max_calls}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise FieldError("max_attempts", f"must be >= 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect: Seconds = 1.0
+    first_byte: Seconds = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAwareConfig:
+    """Weights of the cache_aware picker (see docs/filters.md, "Picker")."""
+
+    cache_weight: float = 1.0
+    load_weight: float = 1.0
+    balance_abs_threshold: int = 16
+    balance_rel_threshold: float = 1.5
+    max_waiting: int = 16
+    max_kv_usage: float = 0.95
+    prefill_tokens_per_request: int = 256
+
+    def __post_init__(self) -> None:
+        if self.cache_weight < 0 or self.load_weight < 0:
+            raise FieldError("cache_weight", "weights must be >= 0")
+        if self.balance_rel_threshold < 1:
+            raise FieldError("balance_rel_threshold", f"must be >= 1, got {self.balance_rel_threshold}")
+        if not 0 < self.max_kv_usage <= 1:
+            raise FieldError("max_kv_usage", f"must be in (0, 1], got {self.max_kv_usage}")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    id: str
+    url: str
+    kind: EndpointKind = "vllm"
+    lmcache_instance_id: str | None = None
+    scrape_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise FieldError("id", "must not be empty")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FieldError("url", f"must be an http(s) URL with a host, got {self.url!r}")
+        if parts.path not in ("", "/"):
+            raise FieldError("url", f"must not carry a path (the request path is appended), got {self.url!r}")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    endpoints: list[EndpointConfig]
+    lb_policy: LbPolicy = "least_inflight"
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+    metrics_interval: Seconds = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise FieldError("endpoints", "a cluster needs at least one endpoint")
+        seen: set[str] = set()
+        for i, ep in enumerate(self.endpoints):
+            if ep.id in seen:
+                raise FieldError(f"endpoints[{i}].id", f"duplicate endpoint id {ep.id!r}")
+            seen.add(ep.id)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not self.prefix.startswith("/"):
+            raise FieldError("prefix", f"must start with '/', got {self.prefix!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    match: RouteMatch
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """One entry of `filters:`; `config` is decoded by the filter's own config class."""
+
+    type: str
+    name: str | None = None
+    config: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    clusters: list[ClusterConfig]
+    routes: list[RouteConfig]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    filters: list[FilterSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names: set[str] = set()
+        endpoint_ids: set[str] = set()
+        for i, cluster in enumerate(self.clusters):
+            if cluster.name in names:
+                raise FieldError(f"clusters[{i}].name", f"duplicate cluster name {cluster.name!r}")
+            names.add(cluster.name)
+            for j, ep in enumerate(cluster.endpoints):
+                if ep.id in endpoint_ids:
+                    raise FieldError(f"clusters[{i}].endpoints[{j}].id", f"endpoint id {ep.id!r} used twice")
+                endpoint_ids.add(ep.id)
+        for i, route in enumerate(self.routes):
+            if route.cluster not in names:
+                raise FieldError(f"routes[{i}].cluster", f"unknown cluster {route.cluster!r} (known: {sorted(names)})")
+
+    def cluster(self, name: str) -> ClusterConfig:
+        return next(c for c in self.clusters if c.name == name)
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    """Decode already-parsed YAML data; raises ConfigError naming the YAML path."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "the config file must be a YAML mapping with server/clusters/routes/filters")
+    return decode_dataclass(GatewayConfig, data, "")
+
+
+def load_config_text(text: str, source: str = "<config>") -> GatewayConfig:
+    return parse_config(load_yaml(text, source))
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    return load_config_text(text, str(path))

@@ -1,0 +1,122 @@
+"""Upstream endpoints and clusters: live state the proxy, picker and filters read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gateway.breaker import BreakerState, CircuitBreaker
+from gateway.config import ClusterConfig, EndpointConfig
+
+
+@dataclass(slots=True)
+class BackendLoad:
+    """Load figures scraped from the backend's /metrics (None until first scrape)."""
+
+    num_requests_running: float | None = None
+    num_requests_waiting: float | None = None
+    kv_cache_usage: float | None = None
+    scraped_at: float | None = None
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    requests: int = 0
+    failures: int = 0
+    ejections: int = 0
+
+
+class Endpoint:
+    """One upstream server. `eligible()` = healthy and its breaker admits calls."""
+
+    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker) -> None:
+        self.config = config
+        self.id = config.id
+        self.url = config.base_url
+        self.kind: str = config.kind
+        self.lmcache_instance_id = config.lmcache_instance_id or config.id
+        self.breaker = breaker
+        self.healthy = True  # optimistic until the first health check says otherwise
+        self.inflight = 0
+        self.prefill_backlog = 0  # predicted uncached prompt tokens of in-flight requests
+        self.load = BackendLoad()
+        self.stats = EndpointStats()
+        self.health_changed_at = time.monotonic()
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        return self.load.kv_cache_usage
+
+    @property
+    def num_requests_waiting(self) -> int | None:
+        waiting = self.load.num_requests_waiting
+        return int(waiting) if waiting is not None else None
+
+    def eligible(self) -> bool:
+        return self.healthy and self.breaker.available()
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self.health_changed_at = time.monotonic()
+            if not healthy:
+                self.stats.ejections += 1
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "id": self.id, "url": self.url, "kind": self.kind, "healthy": self.healthy,
+            "breaker": self.breaker.state.value, "inflight": self.inflight,
+            "prefill_backlog": self.prefill_backlog, "requests": self.stats.requests,
+            "failures": self.stats.failures, "ejections": self.stats.ejections,
+            "num_requests_waiting": self.load.num_requests_waiting, "kv_cache_usage": self.load.kv_cache_usage,
+        }
+
+
+@dataclass(slots=True)
+class Cluster:
+    config: ClusterConfig
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def endpoint(self, endpoint_id: str) -> Endpoint | None:
+        return next((e for e in self.endpoints if e.id == endpoint_id), None)
+
+
+def build_cluster(config: ClusterConfig) -> Cluster:
+    cb = config.circuit_breaker
+    endpoints = [
+        Endpoint(ep, CircuitBreaker(f"endpoint:{ep.id}", cb.failure_threshold, cb.recovery_timeout,
+                                    cb.half_open_max_calls))
+        for ep in config.endpoints
+    ]
+    return Cluster(config, endpoints)
+
+
+class ClusterRegistry:
+    """All clusters by name; implements filters.base.ClusterDirectory."""
+
+    def __init__(self, clusters: Sequence[Cluster]) -> None:
+        self._clusters = {c.name: c for c in clusters}
+
+    def __getitem__(self, name: str) -> Cluster:
+        return self._clusters[name]
+
+    def __iter__(self) -> Iterator[Cluster]:
+        return iter(self._clusters.values())
+
+    def endpoints(self, cluster: str) -> Sequence[Endpoint]:
+        found = self._clusters.get(cluster)
+        return found.endpoints if found else []
+
+    def cluster_names(self) -> Sequence[str]:
+        return list(self._clusters)
+
+    def all_endpoints(self) -> list[Endpoint]:
+        return [e for c in self._clusters.values() for e in c.endpoints]
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        return {e.id: e.breaker.state for e in self.all_endpoints()}

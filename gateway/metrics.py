@@ -1,0 +1,40 @@
+"""The gateway's own Prometheus metrics (one registry per app; filters add theirs to it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.breaker import BreakerState
+from gateway.endpoints import ClusterRegistry
+
+_BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("kvgate_requests", "Requests answered", ["cluster", "endpoint", "status"], registry=r)
+        self.latency = Histogram("kvgate_request_latency_seconds", "Request latency", ["cluster"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.ttfb = Histogram("kvgate_time_to_first_byte_seconds", "Time to first byte", ["cluster"], registry=r,
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.retries = Counter("kvgate_upstream_retries", "Attempts beyond the first", ["cluster"], registry=r)
+        self.inflight = Gauge("kvgate_endpoint_inflight", "In-flight requests", ["endpoint"], registry=r)
+        self.healthy = Gauge("kvgate_endpoint_healthy", "1 if the endpoint passes health checks",
+                             ["endpoint"], registry=r)
+        self.breaker = Gauge("kvgate_endpoint_breaker_state", "0 closed, 1 half-open, 2 open",
+                             ["endpoint"], registry=r)
+        self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
+                                        registry=r)
+
+    def refresh_endpoints(self, clusters: ClusterRegistry) -> None:
+        """Copy live endpoint state into gauges (called when /metrics is scraped)."""
+        for ep in clusters.all_endpoints():
+            self.inflight.labels(ep.id).set(ep.inflight)
+            self.healthy.labels(ep.id).set(1 if ep.healthy else 0)
+            self.breaker.labels(ep.id).set(_BREAKER_VALUE[ep.breaker.state])

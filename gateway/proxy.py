@@ -1,0 +1,216 @@
+"""The proxy step: pick an endpoint, forward, stream the answer back unbuffered.
+
+Retries and fail-over happen only before the first byte reached the client:
+connect errors, timeouts before the response head, and 502/503/504 answers.
+A 4xx is never a backend failure; 429/503 are backpressure, not breakage, so
+they do not count against the endpoint's circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from filters.base import ResponseHead
+from filters.runner import FilterChain
+from gateway.balancer import Policy
+from gateway.context import RequestContext
+from gateway.endpoints import Cluster, Endpoint
+from gateway.errors import error_response
+
+log = logging.getLogger("kvgate.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+})
+RETRY_STATUSES = frozenset({502, 503, 504})
+BREAKER_STATUSES = frozenset({502, 504})
+_TAIL_BYTES = 16384
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
+_INT_FIELD = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
+              for name in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+
+
+def forward_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    """Request headers for the upstream: hop-by-hop ones (and those named in Connection) dropped."""
+    named = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
+    out: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named
+    )
+    out["x-request-id"] = request_id
+    return out
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    named = {h.strip().lower() for h in upstream.headers.get("Connection", "").split(",") if h.strip()}
+    return CIMultiDict(
+        (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named
+    )
+
+
+def parse_usage(tail: bytes, ctx: RequestContext) -> None:
+    """Fill `ctx.usage` from the last `"usage": {...}` object in the response tail."""
+    matches = list(_USAGE_RE.finditer(tail))
+    if not matches:
+        return
+    segment = tail[matches[-1].end():]
+    for name, pattern in _INT_FIELD.items():
+        found = pattern.search(segment)
+        if found:
+            setattr(ctx.usage, name, int(found.group(1)))
+
+
+class PrefillBacklog:
+    """Predicted uncached prompt tokens charged to an endpoint until its first byte."""
+
+    __slots__ = ("endpoint", "tokens")
+
+    def __init__(self, endpoint: Endpoint, tokens: int) -> None:
+        self.endpoint, self.tokens = endpoint, tokens
+        endpoint.prefill_backlog += tokens
+
+    def release(self) -> None:
+        if self.tokens:
+            self.endpoint.prefill_backlog -= self.tokens
+            self.tokens = 0
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class Proxy:
+    def __init__(self, session: aiohttp.ClientSession, chain: FilterChain, debug_headers: bool = False) -> None:
+        self.session = session
+        self.chain = chain
+        self.debug_headers = debug_headers
+
+    def choose(self, cluster: Cluster, policy: Policy, ctx: RequestContext, tried: set[str]) -> Endpoint | None:
+        """The endpoint for the next attempt, or None when no eligible endpoint is left."""
+        candidates = [e for e in cluster.endpoints if e.id not in tried and e.eligible()]
+        if not candidates:
+            return None
+        preferred = ctx.preferred_endpoint or ctx.hints.preferred_endpoint
+        if preferred and policy.name != "cache_aware" and not tried:
+            chosen = next((e for e in candidates if e.id == preferred), None)
+            if chosen is not None:
+                ctx.decision = "preferred"
+                return chosen
+        chosen = policy.pick(candidates, ctx)
+        if ctx.decision is None or not tried:
+            ctx.decision = ctx.decision if policy.name == "cache_aware" and ctx.decision else f"lb:{policy.name}"
+        if tried:
+            ctx.decision = f"failover:{policy.name}"
+        return chosen
+
+    async def forward(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
+                      policy: Policy) -> web.StreamResponse:
+        tried: set[str] = set()
+        last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
+        attempts = cluster.config.retry.max_attempts
+        while ctx.attempts < attempts:
+            endpoint = self.choose(cluster, policy, ctx, tried)
+            if endpoint is None or not endpoint.breaker.allow():
+                break
+            tried.add(endpoint.id)
+            ctx.attempts += 1
+            ctx.endpoint = endpoint.id
+            try:
+                return await self._attempt(request, ctx, cluster, endpoint, final=ctx.attempts >= attempts)
+            except UpstreamFailure as failure:
+                last = failure
+        ctx.error = last.message
+        return error_response(last.status, last.message, code=last.code)
+
+    async def _attempt(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
+                       endpoint: Endpoint, final: bool) -> web.StreamResponse:
+        timeouts = cluster.config.timeouts
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte)
+        backlog = PrefillBacklog(endpoint, self._predicted_uncached(ctx, endpoint))
+        endpoint.inflight += 1
+        endpoint.stats.requests += 1
+        try:
+            try:
+                upstream = await self.session.request(
+                    request.method, endpoint.url + request.path_qs, data=ctx.body or None,
+                    headers=forward_headers(request.headers, ctx.request_id), timeout=timeout,
+                    allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                self._fail(endpoint, counts=True)
+                kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+                status = 504 if isinstance(exc, TimeoutError) else 502
+                raise UpstreamFailure(status, f"upstream {endpoint.id} failed: {kind}", "upstream_unavailable") from None
+            async with upstream:
+                if upstream.status in RETRY_STATUSES and not final:
+                    self._fail(endpoint, counts=upstream.status in BREAKER_STATUSES)
+                    raise UpstreamFailure(upstream.status, f"upstream {endpoint.id} answered {upstream.status}",
+                                          "upstream_error")
+                if upstream.status in BREAKER_STATUSES:
+                    self._fail(endpoint, counts=True)
+                else:
+                    endpoint.breaker.record_success()
+                return await self._relay(request, ctx, endpoint, upstream, backlog)
+        finally:
+            endpoint.inflight -= 1
+            backlog.release()
+
+    @staticmethod
+    def _predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
+        if ctx.token_ids is None:
+            return 0
+        return max(0, len(ctx.token_ids) - ctx.hints.matched_tokens.get(endpoint.id, 0))
+
+    @staticmethod
+    def _fail(endpoint: Endpoint, counts: bool) -> None:
+        endpoint.stats.failures += 1
+        if counts:
+            endpoint.breaker.record_failure()
+        else:
+            endpoint.breaker.release()
+
+    async def _relay(self, request: web.Request, ctx: RequestContext, endpoint: Endpoint,
+                     upstream: aiohttp.ClientResponse, backlog: PrefillBacklog) -> web.StreamResponse:
+        headers = response_headers(upstream)
+        headers["x-request-id"] = ctx.request_id
+        if self.debug_headers:
+            headers["x-kvgate-endpoint"] = endpoint.id
+        head = ResponseHead(upstream.status, dict(headers))
+        await self.chain.on_response(ctx, head)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=head.headers)
+        if upstream.content_length is not None and "content-encoding" not in upstream.headers:
+            response.content_length = upstream.content_length
+        ctx.status = upstream.status
+        await response.prepare(request)
+        tail = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                if ctx.ttfb_ms is None:
+                    ctx.ttfb_ms = ctx.elapsed_ms()
+                    backlog.release()  # the first byte means prefill is done
+                await response.write(chunk)
+                ctx.bytes_out += len(chunk)
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            ctx.error = f"client disconnected: {type(exc).__name__}"
+            ctx.decision = (ctx.decision or "") + " (client gone)"
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # The head is already sent: no retry is possible; cut the response short.
+            ctx.error = f"upstream {endpoint.id} broke mid-response: {type(exc).__name__}"
+            self._fail(endpoint, counts=True)
+            request.transport and request.transport.close()
+        parse_usage(tail, ctx)
+        return response
+
+

@@ -1,0 +1,134 @@
+"""`kvgate serve` and `kvgate check-config`.
+
+SIGTERM/SIGINT: stop accepting connections, let in-flight requests (streams
+included) finish within `server.drain_timeout`, then close everything.
+With `server.workers > 1`, that many processes share the port (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from filters.registry import FilterPlan, plan_filters
+from gateway.app import create_app
+from gateway.config import GatewayConfig, load_config
+from gateway.decode import ConfigError
+from gateway.state import STATE_KEY
+
+log = logging.getLogger("kvgate.serve")
+
+
+def load_and_plan(path: str) -> tuple[GatewayConfig, list[FilterPlan]]:
+    """Load, validate and plan a config file; ConfigError names the YAML path."""
+    config = load_config(path)
+    return config, plan_filters(config.filters)
+
+
+def check_config_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kvgate check-config", description="Validate a kvgate config file.")
+    parser.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        config, plans = load_and_plan(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    endpoints = sum(len(c.endpoints) for c in config.clusters)
+    print(f"{args.file}: OK ({len(config.clusters)} clusters, {endpoints} endpoints, "
+          f"{len(config.routes)} routes, filters: {', '.join(p.name for p in plans) or 'none'})")
+    return 0
+
+
+async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool = False,
+                      stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and shut down."""
+    app = create_app(config, plans)
+    state = app[STATE_KEY]
+    server = config.server
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("kvgate listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
+    await stop.wait()
+    log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, server.drain_timeout)
+    state.draining = True
+    await site.stop()  # stop accepting; established connections keep going
+    deadline = loop.time() + server.drain_timeout
+    while state.inflight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+    log.info("kvgate stopped")
+
+
+def _run(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool) -> None:
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(run_gateway(config, plans, reuse_port))
+
+
+def _serve_workers(config: GatewayConfig, plans: Sequence[FilterPlan]) -> int:
+    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all."""
+    children = []
+    for _ in range(config.server.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _run(config, plans, reuse_port=True)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
+    parser.add_argument("-c", "--config", required=True, help="YAML config file")
+    parser.add_argument("--port", type=int, help="override server.port")
+    parser.add_argument("--log-level", default=os.environ.get("KVGATE_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, plans = load_and_plan(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
+    if args.port is not None:
+        from dataclasses import replace
+
+        config = replace(config, server=replace(config.server, port=args.port))
+    if config.server.workers > 1:
+        return _serve_workers(config, plans)
+    _run(config, plans, reuse_port=False)
+    return 0

@@ -1,0 +1,47 @@
+"""App singletons, stored under `AppKey`s; only the app factory creates them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+import httpx
+from aiohttp import web
+
+from filters.runner import FilterChain
+from gateway.background import BackgroundQueue
+from gateway.balancer import Policy
+from gateway.config import GatewayConfig
+from gateway.endpoints import Cluster, ClusterRegistry
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    clusters: ClusterRegistry
+    policies: dict[str, Policy]
+    metrics: GatewayMetrics
+    routes: list[tuple[str, str]]  # (path prefix, cluster name), longest prefix first
+    chain: FilterChain = field(default_factory=lambda: FilterChain([]))
+    background: BackgroundQueue | None = None
+    http: httpx.AsyncClient | None = None
+    session: aiohttp.ClientSession | None = None
+    proxy: Proxy | None = None
+    inflight: int = 0
+    draining: bool = False
+
+    def match_route(self, path: str) -> tuple[str, Cluster] | None:
+        for prefix, cluster in self.routes:
+            if path.startswith(prefix):
+                return prefix, self.clusters[cluster]
+        return None
+
+    def load(self) -> float:
+        """Gateway load as in-flight requests per endpoint (0 = idle)."""
+        total = max(1, len(self.clusters.all_endpoints()))
+        return self.inflight / (8.0 * total)
+
+
+STATE_KEY = web.AppKey("kvgate_state", GatewayState)
