@@ -86,7 +86,7 @@ class AccessLogFilter(Filter):
         else:
             path = Path(self.config.path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = open(path, "a", buffering=1)  # noqa: SIM115 - owned until close()
+            self._out = open(path, "a", buffering=1)  # noqa: SIM115, ASYNC230 - once, at startup
 
     async def close(self) -> None:
         if self._out is not None and self._out is not sys.stdout:

@@ -101,5 +101,6 @@ def make_policy(config: ClusterConfig) -> Policy:
     if config.lb_policy == "cache_aware":
         from gateway.cache_aware import CacheAwarePolicy
 
-        return CacheAwarePolicy(config.cache_aware)
+        policy: Policy = CacheAwarePolicy(config.cache_aware)
+        return policy
     return factories[config.lb_policy]()

@@ -8,11 +8,9 @@ they do not count against the endpoint's circuit breaker.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -209,7 +207,8 @@ class Proxy:
             # The head is already sent: no retry is possible; cut the response short.
             ctx.error = f"upstream {endpoint.id} broke mid-response: {type(exc).__name__}"
             self._fail(endpoint, counts=True)
-            request.transport and request.transport.close()
+            if request.transport is not None:
+                request.transport.close()
         parse_usage(tail, ctx)
         return response
 

@@ -67,7 +67,7 @@ async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_
     state.draining = True
     await site.stop()  # stop accepting; established connections keep going
     deadline = loop.time() + server.drain_timeout
-    while state.inflight > 0 and loop.time() < deadline:
+    while state.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110 - bounded drain poll
         await asyncio.sleep(0.05)
     await runner.cleanup()
     log.info("kvgate stopped")

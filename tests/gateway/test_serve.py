@@ -1,0 +1,77 @@
+"""`kvgate serve` as a real process: SIGTERM drains in-flight streams; workers share the port."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+
+from testbed.fake_openai import FakeBackend
+from testbed.procs import ManagedProcess, free_port, kvgate_cmd
+from tests.gateway.harness import gateway_yaml, start_backend
+
+
+def _gateway_process(tmp_path: Path, backend_port: int, port: int, extra_server: str = "") -> ManagedProcess:
+    config = tmp_path / "gw.yaml"
+    text = gateway_yaml({"a": backend_port}, tmp_path / "access.jsonl", server=extra_server)
+    config.write_text(text.replace("port: 0,", f"port: {port},", 1))
+    return ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), tmp_path / "gateway.log").start()
+
+
+async def test_sigterm_drains_an_in_flight_stream_then_exits(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    fake = FakeBackend("a", stream_gate=gate)
+    backend = await start_backend(fake)
+    port = free_port()
+    proc = _gateway_process(tmp_path, backend.port, port)
+    try:
+        await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", 30)
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "prompt": "hi", "stream": True}
+            async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as resp:
+                await resp.content.readuntil(b"\n\n")
+                proc.signal(signal.SIGTERM)
+                # New connections are refused while the stream is still being served.
+                async def refused() -> bool:
+                    try:
+                        async with aiohttp.ClientSession() as other:
+                            await other.get(f"http://127.0.0.1:{port}/healthz")
+                        return False
+                    except aiohttp.ClientConnectionError:
+                        return True
+                deadline = asyncio.get_running_loop().time() + 10
+                while not await refused():
+                    assert asyncio.get_running_loop().time() < deadline, "listener not closed"
+                    await asyncio.sleep(0.05)
+                assert proc.alive()
+                gate.set()
+                rest = await resp.read()
+        assert rest.endswith(b"data: [DONE]\n\n")
+        code = await asyncio.to_thread(proc.stop, 15)
+        assert code == 0, proc.log_tail()
+        assert "kvgate stopped" in proc.log_tail()
+    finally:
+        proc.kill()
+        await backend.close()
+
+
+async def test_two_workers_share_the_port(tmp_path: Path) -> None:
+    backend = await start_backend(FakeBackend("a"))
+    port = free_port()
+    proc = _gateway_process(tmp_path, backend.port, port, extra_server=", workers: 2")
+    try:
+        await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", 30)
+        statuses = []
+        for _ in range(20):  # new connection each time: the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/v1/completions",
+                                        json={"model": "m", "prompt": "x"}) as resp:
+                    statuses.append(resp.status)
+        assert statuses == [200] * 20
+        assert (await asyncio.to_thread(proc.stop, 15)) == 0
+        assert proc.log_tail().count("kvgate stopped") == 2
+    finally:
+        proc.kill()
+        await backend.close()
