@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -37,13 +36,18 @@ _INT_FIELD = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
               for name in ("prompt_tokens", "completion_tokens", "cached_tokens")}
 
 
-def forward_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
-    """Request headers for the upstream: hop-by-hop ones (and those named in Connection) dropped."""
+def forward_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+    """Request headers for the upstream: hop-by-hop ones (and those named in Connection)
+    dropped, `x-request-id` set, the client appended to `x-forwarded-for`."""
+    headers = request.headers
     named = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
     out: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named
     )
     out["x-request-id"] = request_id
+    if request.remote:
+        prior = headers.get("x-forwarded-for")
+        out["x-forwarded-for"] = f"{prior}, {request.remote}" if prior else request.remote
     return out
 
 
@@ -98,18 +102,17 @@ class Proxy:
         candidates = [e for e in cluster.endpoints if e.id not in tried and e.eligible()]
         if not candidates:
             return None
+        if tried:
+            ctx.decision = f"failover:{policy.name}"
+            return policy.pick(candidates, ctx)
         preferred = ctx.preferred_endpoint or ctx.hints.preferred_endpoint
-        if preferred and policy.name != "cache_aware" and not tried:
+        if preferred and policy.name != "cache_aware":
             chosen = next((e for e in candidates if e.id == preferred), None)
             if chosen is not None:
                 ctx.decision = "preferred"
                 return chosen
-        chosen = policy.pick(candidates, ctx)
-        if ctx.decision is None or not tried:
-            ctx.decision = ctx.decision if policy.name == "cache_aware" and ctx.decision else f"lb:{policy.name}"
-        if tried:
-            ctx.decision = f"failover:{policy.name}"
-        return chosen
+        ctx.decision = f"lb:{policy.name}"
+        return policy.pick(candidates, ctx)  # cache_aware refines ctx.decision with its reason
 
     async def forward(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
                       policy: Policy) -> web.StreamResponse:
@@ -140,8 +143,8 @@ class Proxy:
         try:
             try:
                 upstream = await self.session.request(
-                    request.method, endpoint.url + request.path_qs, data=ctx.body or None,
-                    headers=forward_headers(request.headers, ctx.request_id), timeout=timeout,
+                    request.method, endpoint.url + request.raw_path, data=ctx.body or None,
+                    headers=forward_headers(request, ctx.request_id), timeout=timeout,
                     allow_redirects=False,
                 )
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -186,7 +189,7 @@ class Proxy:
         head = ResponseHead(upstream.status, dict(headers))
         await self.chain.on_response(ctx, head)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=head.headers)
-        if upstream.content_length is not None and "content-encoding" not in upstream.headers:
+        if upstream.content_length is not None:
             response.content_length = upstream.content_length
         ctx.status = upstream.status
         await response.prepare(request)

@@ -53,7 +53,10 @@ async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_
     app = create_app(config, plans)
     state = app[STATE_KEY]
     server = config.server
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout)
+    # handler_cancellation: a client that goes away cancels its request, which closes the
+    # upstream connection, so the backend stops generating for nobody.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()

@@ -33,6 +33,7 @@ class FakeBackend:
     waiting: int = 0
     kv_usage: float = 0.0
     stream_gate: asyncio.Event | None = None  # if set, streams pause after the first chunk until set
+    cancelled: int = 0  # streams whose client went away mid-generation
     requests: list[dict[str, Any]] = field(default_factory=list)
     seen_headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -78,7 +79,11 @@ async def _stream(request: web.Request, fake: FakeBackend, chat: bool, prompt_to
         event = {"id": "cmpl-fake", "model": fake.model, "choices": [{"index": 0, **delta, "finish_reason": None}]}
         await resp.write(f"data: {json.dumps(event)}\n\n".encode())
         if i == 0 and fake.stream_gate is not None:
-            await fake.stream_gate.wait()
+            try:
+                await fake.stream_gate.wait()
+            except asyncio.CancelledError:
+                fake.cancelled += 1
+                raise
     final = completion_body(fake, chat, prompt_tokens)
     await resp.write(f"data: {json.dumps({'id': 'cmpl-fake', 'choices': [], 'usage': final['usage']})}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")
@@ -128,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
     except ImportError:
         pass
     web.run_app(create_fake_app(FakeBackend(args.id)), host="127.0.0.1", port=args.port, access_log=None,
-                print=None)
+                print=None, handler_cancellation=True)
     return 0
 
 

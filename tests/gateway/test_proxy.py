@@ -219,7 +219,8 @@ async def test_client_disconnect_mid_stream_frees_the_endpoint(stack: Stack) -> 
         await resp.content.readuntil(b"\n\n")
         assert sum(e.inflight for e in stack.state.clusters["llm"].endpoints) == 1
         resp.close()
-    gate.set()
+    # The gateway notices at once and closes the upstream: the backend stops generating.
+    await wait_until(lambda: sum(f.cancelled for f in stack.backends.values()) == 1, message="backend cancelled")
     await wait_until(lambda: sum(e.inflight for e in stack.state.clusters["llm"].endpoints) == 0
                      and stack.state.inflight == 0, message="in-flight back to 0")
     await wait_until(lambda: len(stack.access_log()) == 1)
