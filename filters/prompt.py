@@ -102,7 +102,7 @@ def extract_prompt(path: str, body: dict[str, Any]) -> tuple[Prompt, bool] | Non
         if kwargs is not None and not isinstance(kwargs, dict):
             raise PromptError("chat_template_kwargs", "'chat_template_kwargs' must be an object")
         add_gen = body.get("add_generation_prompt", True)
-        digest = _digest(model, [messages, tools])
+        digest = _digest(model, [messages, tools, kwargs, bool(add_gen)])
         return Prompt("chat", model, digest, messages=messages, tools=tools, chat_template_kwargs=kwargs,
                       add_generation_prompt=bool(add_gen), text_chars=chars), stream
     if path.endswith("/completions"):
