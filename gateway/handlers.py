@@ -108,6 +108,8 @@ async def _read_body(request: web.Request, state: GatewayState, ctx: RequestCont
         parsed: Any = json.loads(ctx.body)
     except (ValueError, UnicodeDecodeError) as exc:
         return _error(ctx, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+    except RecursionError:
+        return _error(ctx, 400, "request body is nested too deeply", "invalid_json")
     if not isinstance(parsed, dict):
         return _error(ctx, 400, f"request body must be a JSON object, got {type(parsed).__name__}", "invalid_json")
     ctx.json = parsed

@@ -248,3 +248,11 @@ async def test_backend_load_is_scraped_from_vllm_metrics(stack: Stack) -> None:
     endpoint_a = stack.state.clusters["llm"].endpoint("a")
     assert endpoint_a is not None
     await wait_until(lambda: endpoint_a.num_requests_waiting == 5 and endpoint_a.kv_cache_usage == 0.5)
+
+
+async def test_deeply_nested_json_is_a_400_not_a_crash(stack: Stack) -> None:
+    data = b"[" * 30_000 + b"]" * 30_000
+    status, _, body = await _post(stack.url, "/v1/completions", None, data=data,
+                                  headers={"Content-Type": "application/json"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    assert (await _post(stack.url, "/v1/completions", COMPLETION))[0] == 200
