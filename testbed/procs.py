@@ -45,7 +45,7 @@ def free_ports(n: int) -> list[int]:
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return 200 <= resp.status < 300
+            return bool(200 <= resp.status < 300)
     except (OSError, urllib.error.URLError):
         return False
 
