@@ -1,0 +1,276 @@
+"""kvcache filter: tiers, fallbacks, instance mapping, metrics (respx for the controller)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from prometheus_client import CollectorRegistry
+
+from filters.base import ResponseHead, Services
+from filters.kvcache import KVCacheFilter
+from filters.registry import build_filters, plan_filters
+from gateway.background import BackgroundQueue
+from gateway.config import ClusterConfig, EndpointConfig, FilterSpec
+from gateway.context import RequestContext
+from gateway.decode import ConfigError
+from gateway.endpoints import ClusterRegistry, build_cluster
+from tests.conftest import wait_until
+
+CTL = "http://127.0.0.1:9999"
+PROMPT = list(range(100, 100 + 1100))  # four full chunks + a partial one
+
+
+@dataclass
+class Rig:
+    filter: KVCacheFilter
+    clusters: ClusterRegistry
+    metrics: CollectorRegistry
+    router: respx.MockRouter
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.metrics.get_sample_value(name, labels or {}) or 0.0
+
+
+def _clusters() -> ClusterRegistry:
+    endpoints = [EndpointConfig("a", "http://127.0.0.1:8101", lmcache_instance_id="inst-a"),
+                 EndpointConfig("b", "http://127.0.0.1:8102"),
+                 EndpointConfig("c", "http://127.0.0.2:8103")]
+    other = [EndpointConfig("z", "http://127.0.0.1:8199")]
+    return ClusterRegistry([build_cluster(ClusterConfig("llm", endpoints)),
+                            build_cluster(ClusterConfig("other", other))])
+
+
+@pytest.fixture
+async def make_rig() -> AsyncIterator[Any]:
+    opened: list[tuple[Rig, BackgroundQueue, httpx.AsyncClient]] = []
+
+    async def make(config: dict[str, Any], routes: Any = None) -> Rig:
+        router = respx.mock(base_url=CTL, assert_all_called=False)
+        if routes is not None:
+            routes(router)
+        router.start()
+        http = httpx.AsyncClient()
+        queue = BackgroundQueue(64)
+        queue.start()
+        clusters = _clusters()
+        registry = CollectorRegistry()
+        services = Services(clusters=clusters, background=queue, http=http, metrics=registry)
+        (kv,) = build_filters(plan_filters([FilterSpec("kvcache", config=config)]), services)
+        assert isinstance(kv, KVCacheFilter)
+        await kv.start()
+        rig = Rig(kv, clusters, registry, router)
+        opened.append((rig, queue, http))
+        return rig
+
+    yield make
+    for rig, queue, http in opened:
+        await queue.close()
+        await rig.filter.close()
+        await http.aclose()
+        rig.router.stop()
+
+
+def ctx_for(tokens: list[int] | None = PROMPT, cluster: str = "llm") -> RequestContext:
+    ctx = RequestContext("r", "POST", "/v1/completions")
+    ctx.cluster, ctx.token_ids = cluster, tokens
+    return ctx
+
+
+async def complete(kv: KVCacheFilter, endpoint: str, tokens: list[int] = PROMPT, status: int = 200) -> None:
+    ctx = ctx_for(tokens)
+    await kv.on_request(ctx)
+    ctx.endpoint, ctx.status = endpoint, status
+    ctx.ttfb_ms = 5.0 if status == 200 else None
+    await kv.on_complete(ctx)
+
+
+def layout(**entries: tuple[str, int]) -> httpx.Response:
+    return httpx.Response(200, json={"event_id": "e1", "layout_info": {k: list(v) for k, v in entries.items()}})
+
+
+async def test_lookup_hit_maps_instances_to_cluster_endpoints(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    route = rig.router.post("/lookup").mock(return_value=httpx.Response(200, json={
+        "event_id": "e1",
+        "layout_info": {"inst-a": ["LocalCPUBackend", 512], "b": {"location": "LocalCPUBackend", "num_tokens": 1024},
+                        "z": ["LocalCPUBackend", 1024], "unknown": ["LocalCPUBackend", 2048]}}))
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert route.calls.last.request.content == httpx.Request("POST", CTL, json={"tokens": PROMPT}).content
+    hints = ctx.hints
+    assert (hints.tier, hints.reason, hints.preferred_endpoint) == ("lmcache", "lmcache", "b")
+    assert hints.matched_tokens == {"a": 512, "b": 1024}  # z is another cluster's, unknown maps to nothing
+    assert hints.lookup_ms is not None and hints.lookup_ms > 0
+    assert ctx.log_fields["routing_reason"] == "lmcache"
+    await rig.filter.on_complete(ctx)
+    assert rig.metric("kvgate_kvcache_decisions_total", {"tier": "lmcache", "reason": "lmcache"}) == 1
+    assert rig.metric("kvgate_kvcache_lookup_seconds_count", {"outcome": "hit"}) == 1
+
+
+async def test_identity_mode_ignores_lmcache_instance_id(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL, "instance_map": "identity"})
+    rig.router.post("/lookup").mock(return_value=layout(a=("LocalCPUBackend", 256), **{"inst-a": ("x", 768)}))
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx.hints.matched_tokens == {"a": 256}
+
+
+async def test_miss_falls_back_to_what_the_gateway_learned(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    rig.router.post("/lookup").mock(return_value=layout())
+    first = ctx_for()
+    await rig.filter.on_request(first)
+    assert (first.hints.tier, first.hints.reason) == ("none", "lmcache_miss")
+    await complete(rig.filter, "c")
+    await complete(rig.filter, "a", PROMPT[:600], status=500)  # failures teach nothing
+    ctx = ctx_for(PROMPT + [1, 2, 3])
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.reason) == ("local-index", "lmcache_miss")
+    assert ctx.hints.matched_tokens == {"c": 1024} and ctx.hints.preferred_endpoint == "c"
+
+
+async def test_in_flight_prefix_is_known_from_the_response_head(make_rig: Any) -> None:
+    rig = await make_rig({})
+    first = ctx_for()
+    await rig.filter.on_request(first)
+    first.endpoint = "b"
+    await rig.filter.on_response(first, ResponseHead(200, {}))
+    second = ctx_for()  # arrives while the first is still generating
+    await rig.filter.on_request(second)
+    assert (second.hints.tier, second.hints.preferred_endpoint) == ("local-index", "b")
+    first.status = 200  # ...but the first never produced a byte (upstream broke)
+    await rig.filter.on_complete(first)
+    third = ctx_for()
+    await rig.filter.on_request(third)
+    assert third.hints.tier == "none"
+    assert id(first) not in rig.filter._keys  # nothing kept per request once it completed
+
+
+async def test_controller_errors_degrade_to_local_index(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL, "circuit_breaker": {"failure_threshold": 100}})
+    route = rig.router.post("/lookup").mock(return_value=httpx.Response(500, json={"detail": "boom"}))
+    await complete(rig.filter, "b")
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.reason, ctx.hints.matched_tokens) == ("local-index", "lmcache_unavailable",
+                                                                            {"b": 1024})
+    assert route.call_count == 2  # lookup_retry is off by default: one attempt per request
+    route.mock(return_value=httpx.Response(200, json={"no": "layout"}))
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx.hints.reason == "lmcache_error" and ctx.hints.tier == "local-index"
+
+
+async def test_slow_controller_costs_at_most_the_lookup_budget(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL, "lookup_timeout": "30ms"})
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return layout(b=("LocalCPUBackend", 1024))
+
+    rig.router.post("/lookup").mock(side_effect=slow)
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.reason) == ("none", "lmcache_timeout")
+    assert ctx.hints.lookup_ms is not None and 25 <= ctx.hints.lookup_ms < 500
+    assert rig.metric("kvgate_kvcache_lookup_seconds_count", {"outcome": "timeout"}) == 1
+
+
+async def test_breaker_opens_then_lookups_cost_nothing_then_recovers(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL,
+                          "circuit_breaker": {"failure_threshold": 2, "recovery_timeout": "100ms",
+                                              "half_open_max_calls": 1}})
+    route = rig.router.post("/lookup").mock(side_effect=httpx.ConnectError("refused"))
+    for _ in range(2):
+        await rig.filter.on_request(ctx_for())
+    assert rig.metric("kvgate_lmcache_breaker_state") == 2
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx.hints.reason == "lmcache_breaker_open" and route.call_count == 2
+    route.mock(side_effect=None, return_value=layout(b=("LocalCPUBackend", 512)))
+    ctx = ctx_for()
+
+    async def recovered() -> bool:
+        ctx.hints.tier = "none"
+        await rig.filter.on_request(ctx)
+        return ctx.hints.tier == "lmcache"
+
+    await wait_until(recovered, timeout=5, message="breaker recovery")
+    assert rig.metric("kvgate_lmcache_breaker_state") == 0
+
+
+@pytest.mark.parametrize("tokens,cluster", [(None, "llm"), ([], "llm"), (PROMPT, None)])
+async def test_no_tokens_no_lookup(make_rig: Any, tokens: list[int] | None, cluster: str | None) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    route = rig.router.post("/lookup").mock(return_value=layout())
+    ctx = ctx_for(tokens)
+    ctx.cluster = cluster
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.reason, route.call_count) == ("none", "no_tokens", 0)
+
+
+async def test_without_controller_the_local_index_decides(make_rig: Any) -> None:
+    rig = await make_rig({"local_index": {"max_chunks": 1000, "ttl": "1m"}})
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.reason) == ("none", "no_controller")
+    await complete(rig.filter, "a", PROMPT[:700])
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx.hints.tier, ctx.hints.matched_tokens, ctx.hints.lookup_ms) == ("local-index", {"a": 512}, None)
+
+
+async def test_query_instance_mapping_resolves_in_background(make_rig: Any) -> None:
+    def routes(router: respx.MockRouter) -> None:
+        router.post("/query_instance", name="query").mock(
+            return_value=httpx.Response(200, json={"event_id": "q", "res": "vllm-c"}))
+        router.post("/lookup").mock(return_value=layout(**{"vllm-c": ("LocalCPUBackend", 768)}))
+
+    rig = await make_rig({"lmcache_endpoint": CTL, "instance_map": "query_instance"}, routes)
+    query = rig.router["query"]
+    # 127.0.0.1 is shared by a, b and z: only c's host (127.0.0.2) can be asked.
+    await wait_until(lambda: query.call_count == 1, message="query_instance")
+    assert b'"ip":"127.0.0.2"' in query.calls.last.request.content.replace(b" ", b"")
+
+    async def mapped() -> bool:
+        ctx = ctx_for()
+        await rig.filter.on_request(ctx)
+        return ctx.hints.matched_tokens == {"c": 768}
+
+    await wait_until(mapped, message="vllm-c mapped to c")
+    assert query.call_count == 1  # cached
+
+
+async def test_hot_prefix_pinned_through_the_controller(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL, "cache_strategy": {
+        "enable_pinning": True, "hot_threshold": 3, "interval": "0s", "pin_location": "LocalDiskBackend"}})
+    rig.router.post("/lookup").mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", 1024)}))
+    pin = rig.router.post("/pin").mock(return_value=httpx.Response(200, json={"event_id": "p", "num_tokens": 1024}))
+    for i in range(5):
+        await complete(rig.filter, "a", PROMPT[:1024] + [i] * 10)
+    await wait_until(lambda: rig.metric("kvgate_cache_actions_total", {"kind": "pin", "outcome": "ok"}) == 1,
+                     message="pin")
+    assert pin.call_count == 1
+    body = httpx.Request("POST", CTL, json={"instance_id": "inst-a", "location": "LocalDiskBackend",
+                                            "tokens": PROMPT[:1024]}).content
+    assert pin.calls.last.request.content == body
+
+
+@pytest.mark.parametrize("config,error", [
+    ({"lookup_timeout": "0ms", "lmcache_endpoint": CTL}, "config.lookup_timeout: must be > 0"),
+    ({"lmcache_endpoint": "127.0.0.1:9000"}, "config.lmcache_endpoint: must be an http(s) URL"),
+    ({"cache_strategy": {"enable_pinning": True}}, "config.lmcache_endpoint: is required"),
+    ({"lmcache_endpoint": CTL, "retry": {"max_attempts": 0}}, "config.retry.max_attempts: must be >= 1, got 0"),
+    ({"lmcache_endpoint": CTL, "instance_map": "ip"}, "config.instance_map: must be one of"),
+    ({"lmcache_endpoint": CTL, "evict_fallback": "drop"}, "config.evict_fallback: must be one of"),
+])
+def test_config_errors_name_the_path(config: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_filters([FilterSpec("prompt"), FilterSpec("kvcache", config=config)])
+    assert str(info.value).startswith("filters[1](kvcache).") and error in str(info.value)
