@@ -100,6 +100,8 @@ class ChatTokenizer:
         """Load ``tokenizer.json`` and the template from ``tokenizer_config.json``'s
         ``chat_template`` (or, failing that, a ``chat_template.jinja`` file)."""
         path = Path(model_dir)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (not a model directory?)")
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
