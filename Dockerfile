@@ -1,0 +1,26 @@
+# One image for every kvgate part (gateway, MLX daemon, mock LMCache, simulated vLLM);
+# docker-compose.yml picks the part with each service's command.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+
+# Dependencies first so source edits do not reinstall them.
+COPY pyproject.toml ./
+RUN mkdir -p gateway filters kvproto mlxd testbed kvbench \
+ && for p in gateway filters kvproto mlxd testbed kvbench; do touch $p/__init__.py; done \
+ && touch README.md \
+ && pip install ".[mlx]" \
+ && pip uninstall -y kvgate
+
+COPY gateway gateway
+COPY filters filters
+COPY kvproto kvproto
+COPY mlxd mlxd
+COPY testbed testbed
+COPY kvbench kvbench
+COPY configs configs
+RUN pip install --no-deps -e . && mkdir -p logs
+
+EXPOSE 8888
+CMD ["kvgate", "serve", "-c", "configs/compose.yaml"]
