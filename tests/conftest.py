@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 
-
 async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
                      interval: float = 0.02, message: str = "condition") -> None:
     """Poll `predicate` until true or fail after `timeout` seconds (no fixed sleeps)."""
