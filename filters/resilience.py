@@ -21,7 +21,6 @@ controller, a remote `/tokenize`) through its breaker and tenacity retries:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,7 +34,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from gateway.breaker import BreakerState, CircuitBreaker, CircuitOpenError
+from gateway.breaker import CircuitBreaker, CircuitOpenError
+from gateway.config import CircuitBreakerConfig
 from gateway.decode import FieldError, Seconds
 
 T = TypeVar("T")
@@ -59,24 +59,7 @@ class RetrySettings:
             raise FieldError("max_backoff", f"must be >= base_backoff ({self.base_backoff}s), got {self.max_backoff}s")
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerSettings:
-    """`circuit_breaker:` in YAML."""
-
-    failure_threshold: int = 5
-    recovery_timeout: Seconds = 10.0
-    half_open_max_calls: int = 2
-
-    def __post_init__(self) -> None:
-        if self.failure_threshold < 1:
-            raise FieldError("failure_threshold", f"must be >= 1, got {self.failure_threshold}")
-        if self.half_open_max_calls < 1:
-            raise FieldError("half_open_max_calls", f"must be >= 1, got {self.half_open_max_calls}")
-
-    def build(self, name: str, clock: Callable[[], float] = time.monotonic,
-              on_change: Callable[[str, BreakerState], None] | None = None) -> CircuitBreaker:
-        return CircuitBreaker(name, self.failure_threshold, self.recovery_timeout, self.half_open_max_calls,
-                              clock=clock, on_change=on_change)
+BreakerSettings = CircuitBreakerConfig  # `circuit_breaker:` in YAML, same shape as a cluster's
 
 
 DEFAULT_RETRY = RetrySettings()

@@ -1,16 +1,20 @@
 """The gateway's configuration: frozen dataclasses decoded strictly from YAML.
 
 Filter configs are decoded by the filter registry (each filter owns its config
-class); here they stay raw (`FilterSpec.config`). Imports only `gateway.decode`.
+class); here they stay raw (`FilterSpec.config`). Imports only the leaves
+`gateway.decode` and `gateway.breaker`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
 
 LbPolicy = Literal["round_robin", "least_inflight", "consistent_hash", "random", "cache_aware"]
@@ -67,6 +71,11 @@ class CircuitBreakerConfig:
             raise FieldError("failure_threshold", f"must be >= 1, got {self.failure_threshold}")
         if self.half_open_max_calls < 1:
             raise FieldError("half_open_max_calls", f"must be >= 1, got {self.half_open_max_calls}")
+
+    def build(self, name: str, clock: Callable[[], float] = time.monotonic,
+              on_change: Callable[[str, BreakerState], None] | None = None) -> CircuitBreaker:
+        return CircuitBreaker(name, self.failure_threshold, self.recovery_timeout, self.half_open_max_calls,
+                              clock=clock, on_change=on_change)
 
 
 @dataclass(frozen=True, slots=True)

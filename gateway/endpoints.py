@@ -87,12 +87,7 @@ class Cluster:
 
 
 def build_cluster(config: ClusterConfig) -> Cluster:
-    cb = config.circuit_breaker
-    endpoints = [
-        Endpoint(ep, CircuitBreaker(f"endpoint:{ep.id}", cb.failure_threshold, cb.recovery_timeout,
-                                    cb.half_open_max_calls))
-        for ep in config.endpoints
-    ]
+    endpoints = [Endpoint(ep, config.circuit_breaker.build(f"endpoint:{ep.id}")) for ep in config.endpoints]
     return Cluster(config, endpoints)
 
 
