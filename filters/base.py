@@ -9,7 +9,7 @@ whatever happened. Filters reach cluster state only through `Services`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -49,10 +49,11 @@ def stop(status: int, message: str, *, code: str | None = None, param: str | Non
 
 @dataclass(slots=True)
 class ResponseHead:
-    """The upstream (or local) response as it is about to be sent; filters may add headers."""
+    """The upstream (or local) response as it is about to be sent; filters may add headers.
+    Proxied heads carry a CIMultiDict, so repeated headers (Set-Cookie, Link) survive."""
 
     status: int
-    headers: dict[str, str]
+    headers: MutableMapping[str, str]
 
 
 class EndpointView(Protocol):

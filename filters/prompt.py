@@ -22,9 +22,12 @@ class PromptError(ValueError):
         self.param = param
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once
+
+
 def _digest(model: str | None, payload: Any) -> str:
-    raw = json.dumps([model, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+    raw = _CANONICAL.encode([model, payload])
+    return hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 def _is_token_list(value: Any) -> bool:
@@ -102,6 +105,8 @@ def extract_prompt(path: str, body: dict[str, Any]) -> tuple[Prompt, bool] | Non
         if kwargs is not None and not isinstance(kwargs, dict):
             raise PromptError("chat_template_kwargs", "'chat_template_kwargs' must be an object")
         add_gen = body.get("add_generation_prompt", True)
+        if not isinstance(add_gen, bool):
+            raise PromptError("add_generation_prompt", "'add_generation_prompt' must be a boolean")
         digest = _digest(model, [messages, tools, kwargs, bool(add_gen)])
         return Prompt("chat", model, digest, messages=messages, tools=tools, chat_template_kwargs=kwargs,
                       add_generation_prompt=bool(add_gen), text_chars=chars), stream
@@ -124,6 +129,8 @@ class PromptFilter(Filter):
             found = extract_prompt(ctx.path, ctx.json)
         except PromptError as exc:
             return stop(400, str(exc), param=exc.param, code="invalid_prompt")
+        except RecursionError:
+            return stop(400, "request body is nested too deeply", code="invalid_json")
         if found is not None:
             ctx.prompt, ctx.stream = found
         return CONTINUE

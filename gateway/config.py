@@ -55,6 +55,8 @@ class HealthCheckConfig:
             raise FieldError("path", f"must start with '/', got {self.path!r}")
         if self.interval <= 0:
             raise FieldError("interval", "must be > 0")
+        if self.timeout <= 0:
+            raise FieldError("timeout", "must be > 0")
         for name in ("unhealthy_threshold", "healthy_threshold"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -92,6 +94,11 @@ class TimeoutsConfig:
     connect: Seconds = 1.0
     first_byte: Seconds = 60.0
 
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte"):  # aiohttp reads 0 as "no timeout at all"
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be > 0")
+
 
 @dataclass(frozen=True, slots=True)
 class CacheAwareConfig:
@@ -125,7 +132,11 @@ class EndpointConfig:
     def __post_init__(self) -> None:
         if not self.id:
             raise FieldError("id", "must not be empty")
-        parts = urlsplit(self.url)
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError for a bad or out-of-range port
+        except ValueError as exc:
+            raise FieldError("url", f"invalid URL {self.url!r}: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FieldError("url", f"must be an http(s) URL with a host, got {self.url!r}")
         if parts.path not in ("", "/"):
@@ -151,6 +162,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise FieldError("endpoints", "a cluster needs at least one endpoint")
+        if self.metrics_interval <= 0:
+            raise FieldError("metrics_interval", "must be > 0")
         seen: set[str] = set()
         for i, ep in enumerate(self.endpoints):
             if ep.id in seen:
@@ -225,4 +238,6 @@ def load_config(path: str | Path) -> GatewayConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"config file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
     return load_config_text(text, str(path))

@@ -8,6 +8,7 @@ seconds), sizes like "8MiB" (or plain bytes). Imports nothing else from the proj
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from collections.abc import Mapping
@@ -53,13 +54,16 @@ def parse_duration(value: object, path: str = "") -> float:
     if isinstance(value, bool):
         raise ConfigError(path, f"expected a duration like '50ms' or '2s', got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float range
+            seconds = math.inf
     elif isinstance(value, str) and (m := _NUMBER_UNIT.match(value)) and m.group(2) in _DURATION_UNITS:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ConfigError(path, f"expected a duration like '50ms', '2s' or '5m', got {value!r}")
-    if seconds < 0:
-        raise ConfigError(path, f"duration must be >= 0, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(path, f"duration must be a finite number >= 0, got {value!r}")
     return seconds
 
 
@@ -70,7 +74,10 @@ def parse_size(value: object, path: str = "") -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _NUMBER_UNIT.match(value)) and m.group(2).lower() in _SIZE_UNITS:
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if not math.isfinite(number):
+            raise ConfigError(path, f"size out of range, got {value!r}")
+        size = int(number)
     else:
         raise ConfigError(path, f"expected a size like '8MiB' or '512KB', got {value!r}")
     if size < 0:
@@ -149,7 +156,7 @@ def decode_dataclass(cls: type[T], value: Any, path: str) -> T:
         raise ConfigError(path, f"expected a mapping, got {_type_name(type(value))} {value!r}")
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(value) - set(fields))
+    unknown = sorted(set(value) - set(fields), key=str)
     if unknown:
         raise ConfigError(_join(path, str(unknown[0])), f"unknown key (allowed: {', '.join(sorted(fields))})")
     kwargs: dict[str, Any] = {}
@@ -178,8 +185,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, list | dict):
+            raise ConfigError("", f"a mapping key must be a scalar, got a {type(key).__name__} at line {line}")
         if key in seen:
-            line = key_node.start_mark.line + 1
             raise ConfigError("", f"duplicate key {key!r} at line {line}")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -22,8 +22,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _request_id(request: web.Request) -> str:
+    """The client's `x-request-id` if it is sane, else 32 random hex digits (an id, not a
+    secret: the process-local PRNG, reseeded after fork, costs no system call)."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -49,13 +51,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 def _observe(state: GatewayState, ctx: RequestContext) -> None:
     m = state.metrics
     cluster = ctx.cluster or "-"
-    m.requests.labels(cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
+    m.child(m.requests, cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
     if ctx.latency_ms is not None:
-        m.latency.labels(cluster).observe(ctx.latency_ms / 1000)
+        m.child(m.latency, cluster).observe(ctx.latency_ms / 1000)
     if ctx.ttfb_ms is not None:
-        m.ttfb.labels(cluster).observe(ctx.ttfb_ms / 1000)
+        m.child(m.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
     if ctx.retries:
-        m.retries.labels(cluster).inc(ctx.retries)
+        m.child(m.retries, cluster).inc(ctx.retries)
 
 
 async def _serve(request: web.Request, state: GatewayState, ctx: RequestContext) -> web.StreamResponse:
@@ -99,6 +101,8 @@ async def _read_body(request: web.Request, state: GatewayState, ctx: RequestCont
         ctx.body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(ctx, 413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        return _error(ctx, 400, f"request body could not be read: {exc}", "invalid_body")
     if request.method not in _BODY_METHODS or not ctx.body:
         return None
     ctype = request.content_type

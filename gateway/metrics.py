@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.breaker import BreakerState
 from gateway.endpoints import ClusterRegistry
 
+M = TypeVar("M", Counter, Gauge, Histogram)
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -17,6 +19,7 @@ class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter("kvgate_requests", "Requests answered", ["cluster", "endpoint", "status"], registry=r)
         self.latency = Histogram("kvgate_request_latency_seconds", "Request latency", ["cluster"], registry=r,
@@ -31,6 +34,15 @@ class GatewayMetrics:
                              ["endpoint"], registry=r)
         self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
                                         registry=r)
+
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, remembered: the hot path skips prometheus' label lookup.
+        Label sets are bounded (clusters x endpoints x statuses)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def refresh_endpoints(self, clusters: ClusterRegistry) -> None:
         """Copy live endpoint state into gauges (called when /metrics is scraped)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import httpx
@@ -34,7 +35,7 @@ def parse_backend_load(text: str) -> BackendLoad:
         attr = _GAUGES.get(family.name)
         if attr is None or (attr == "kv_cache_usage" and load.kv_cache_usage is not None):
             continue
-        values = [s.value for s in family.samples if s.name == family.name]
+        values = [s.value for s in family.samples if s.name == family.name and math.isfinite(s.value)]
         if values:
             setattr(load, attr, max(values) if attr == "kv_cache_usage" else sum(values))
     return load

@@ -8,12 +8,15 @@ they do not count against the endpoint's circuit breaker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from filters.base import ResponseHead
 from filters.runner import FilterChain
@@ -30,20 +33,44 @@ HOP_BY_HOP = frozenset({
 })
 RETRY_STATUSES = frozenset({502, 503, 504})
 BREAKER_STATUSES = frozenset({502, 504})
+# Request bodies in these encodings were already decoded by aiohttp's server parser.
+DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 _TAIL_BYTES = 16384
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 _INT_FIELD = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
               for name in ("prompt_tokens", "completion_tokens", "cached_tokens")}
 
 
+@functools.lru_cache(maxsize=256)
+def _dropped_headers(connection: str | None) -> frozenset[str]:
+    """Hop-by-hop header names plus those a `Connection` header value names (lower case)."""
+    if not connection:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {h.strip().lower() for h in connection.split(",") if h.strip()}
+
+
+def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """A copy of `headers` without hop-by-hop ones; order and repeats of the rest kept."""
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in _dropped_headers(headers.get("Connection")):
+        if name in out:
+            del out[name]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def client_timeout(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
+    """Upstream timeouts (immutable, so shared by every request with the same config)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
+
+
 def forward_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
     """Request headers for the upstream: hop-by-hop ones (and those named in Connection)
     dropped, `x-request-id` set, the client appended to `x-forwarded-for`."""
     headers = request.headers
-    named = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named
-    )
+    out = _end_to_end(headers)
+    if headers.get("Content-Encoding", "").strip().lower() in DECODED_ENCODINGS:
+        out.popall("Content-Encoding", None)  # we forward the decoded body
     out["x-request-id"] = request_id
     if request.remote:
         prior = headers.get("x-forwarded-for")
@@ -52,10 +79,7 @@ def forward_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[st
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    named = {h.strip().lower() for h in upstream.headers.get("Connection", "").split(",") if h.strip()}
-    return CIMultiDict(
-        (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named
-    )
+    return _end_to_end(upstream.headers)
 
 
 def parse_usage(tail: bytes, ctx: RequestContext) -> None:
@@ -85,10 +109,19 @@ class PrefillBacklog:
             self.tokens = 0
 
 
+class _CoalescedHeadResponse(web.StreamResponse):
+    """A relayed response whose head goes out with the first body bytes, in one write (as
+    aiohttp's own `web.Response` does), not alone at `prepare()`. Used when that costs the
+    client nothing: the body has a known length, or its first bytes are already here."""
+
+    _send_headers_immediately = False
+
+
 class UpstreamFailure(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, stale: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+        self.stale = stale  # the connection closed before any answer: a fresh one may work
 
 
 class Proxy:
@@ -119,8 +152,11 @@ class Proxy:
         tried: set[str] = set()
         last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
         attempts = cluster.config.retry.max_attempts
+        stale: Endpoint | None = None
         while ctx.attempts < attempts:
             endpoint = self.choose(cluster, policy, ctx, tried)
+            if endpoint is None and stale is not None and stale.eligible():
+                endpoint, stale = stale, None  # no other endpoint left: retry it on a fresh connection
             if endpoint is None or not endpoint.breaker.allow():
                 break
             tried.add(endpoint.id)
@@ -130,28 +166,32 @@ class Proxy:
                 return await self._attempt(request, ctx, cluster, endpoint, final=ctx.attempts >= attempts)
             except UpstreamFailure as failure:
                 last = failure
+                if failure.stale and ctx.attempts == 1:
+                    stale = endpoint
         ctx.error = last.message
-        return error_response(last.status, last.message, code=last.code)
+        return error_response(last.status, last.message, code=last.code, headers={"x-request-id": ctx.request_id})
 
     async def _attempt(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
                        endpoint: Endpoint, final: bool) -> web.StreamResponse:
         timeouts = cluster.config.timeouts
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte)
+        timeout = client_timeout(timeouts.connect, timeouts.first_byte)
         backlog = PrefillBacklog(endpoint, self._predicted_uncached(ctx, endpoint))
         endpoint.inflight += 1
         endpoint.stats.requests += 1
         try:
             try:
                 upstream = await self.session.request(
-                    request.method, endpoint.url + request.raw_path, data=ctx.body or None,
+                    request.method, URL(endpoint.url + request.raw_path, encoded=True), data=ctx.body or None,
                     headers=forward_headers(request, ctx.request_id), timeout=timeout,
                     allow_redirects=False,
                 )
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,
+                    TimeoutError) as exc:
                 self._fail(endpoint, counts=True)
                 kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
                 status = 504 if isinstance(exc, TimeoutError) else 502
-                raise UpstreamFailure(status, f"upstream {endpoint.id} failed: {kind}", "upstream_unavailable") from None
+                raise UpstreamFailure(status, f"upstream {endpoint.id} failed: {kind}", "upstream_unavailable",
+                                      stale=isinstance(exc, aiohttp.ServerDisconnectedError)) from None
             async with upstream:
                 if upstream.status in RETRY_STATUSES and not final:
                     self._fail(endpoint, counts=upstream.status in BREAKER_STATUSES)
@@ -159,9 +199,12 @@ class Proxy:
                                           "upstream_error")
                 if upstream.status in BREAKER_STATUSES:
                     self._fail(endpoint, counts=True)
-                else:
-                    endpoint.breaker.record_success()
                 return await self._relay(request, ctx, endpoint, upstream, backlog)
+        except UpstreamFailure:
+            raise
+        except BaseException:  # client gone (cancelled, reset before the head): no verdict on the endpoint
+            endpoint.breaker.release()  # frees its half-open slot, if it held one
+            raise
         finally:
             endpoint.inflight -= 1
             backlog.release()
@@ -186,9 +229,12 @@ class Proxy:
         headers["x-request-id"] = ctx.request_id
         if self.debug_headers:
             headers["x-kvgate-endpoint"] = endpoint.id
-        head = ResponseHead(upstream.status, dict(headers))
+        head = ResponseHead(upstream.status, headers)
         await self.chain.on_response(ctx, head)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=head.headers)
+        # A stream whose first bytes have not arrived yet (e.g. a long prefill) gets its head now.
+        coalesce = upstream.content_length is not None or upstream.content.total_bytes > 0
+        response_class = _CoalescedHeadResponse if coalesce else web.StreamResponse
+        response = response_class(status=upstream.status, reason=upstream.reason, headers=head.headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         ctx.status = upstream.status
@@ -203,7 +249,10 @@ class Proxy:
                 ctx.bytes_out += len(chunk)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
             await response.write_eof()
+            if upstream.status not in BREAKER_STATUSES:
+                endpoint.breaker.record_success()  # only a whole body proves the endpoint sound
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            endpoint.breaker.release()
             ctx.error = f"client disconnected: {type(exc).__name__}"
             ctx.decision = (ctx.decision or "") + " (client gone)"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
