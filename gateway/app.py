@@ -52,7 +52,9 @@ def create_app(config: GatewayConfig, plans: Sequence[FilterPlan] | None = None,
 
 def _clients(state: GatewayState):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+        # Idle upstream connections are dropped after 4 s: servers such as uvicorn (vLLM)
+        # close theirs after 5 s, and reusing one they just closed costs a retry.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=300)
         state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               skip_auto_headers=("User-Agent", "Accept-Encoding"),
                                               cookie_jar=aiohttp.DummyCookieJar())

@@ -105,8 +105,11 @@ async def _read_body(request: web.Request, state: GatewayState, ctx: RequestCont
         return _error(ctx, 400, f"request body could not be read: {exc}", "invalid_body")
     if request.method not in _BODY_METHODS or not ctx.body:
         return None
+    # JSON when declared, or when no Content-Type was sent at all (curl -d, some SDKs);
+    # any other declared type (octet-stream, form, text) is forwarded untouched.
     ctype = request.content_type
-    if ctype not in ("application/json", "application/octet-stream", "text/plain") and not ctype.endswith("+json"):
+    declared = "Content-Type" in request.headers
+    if declared and ctype != "application/json" and not ctype.endswith("+json"):
         return None
     try:
         parsed: Any = json.loads(ctx.body)

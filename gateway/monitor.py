@@ -66,7 +66,11 @@ class EndpointMonitor:
             scrape = time.monotonic() >= next_scrape
             if scrape:
                 next_scrape = time.monotonic() + cluster.config.metrics_interval
-            await asyncio.gather(*(self.check(cluster, ep, scrape) for ep in cluster.endpoints))
+            results = await asyncio.gather(*(self.check(cluster, ep, scrape) for ep in cluster.endpoints),
+                                           return_exceptions=True)
+            for ep, result in zip(cluster.endpoints, results, strict=True):
+                if isinstance(result, Exception):  # a bug in one check must not stop the watch
+                    log.error("health check of %s failed unexpectedly: %r", ep.id, result)
             await asyncio.sleep(min(hc.interval, cluster.config.metrics_interval))
 
     async def check(self, cluster: Cluster, endpoint: Endpoint, scrape: bool = True) -> None:
@@ -75,7 +79,7 @@ class EndpointMonitor:
         try:
             resp = await self._http.get(endpoint.url + hc.path, timeout=hc.timeout)
             ok = resp.status_code == 200
-        except (httpx.HTTPError, OSError):
+        except (httpx.HTTPError, OSError, ValueError):
             ok = False
         self._record(endpoint, ok, hc.healthy_threshold, hc.unhealthy_threshold)
         if ok and scrape and endpoint.config.scrape_metrics:

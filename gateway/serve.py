@@ -122,6 +122,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--log-level", default=os.environ.get("KVGATE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per health check is noise
     try:
         config, plans = load_and_plan(args.config)
     except ConfigError as exc:

@@ -225,6 +225,23 @@ async def test_odd_methods_pass_through_with_query_and_body(tmp_path: Path, meth
             {"backend": "a", "method": method, "raw_path": seen.raw_path}).encode())
 
 
+@pytest.mark.parametrize("ctype", ["application/octet-stream", "text/plain", "application/x-www-form-urlencoded"])
+async def test_non_json_bodies_are_forwarded_untouched(tmp_path: Path, ctype: str) -> None:
+    async with echo_servers("a") as be, gateway({"a": be["a"][1].port}, tmp_path) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            async with session.put(url + "/v1/files/f-1", data=b"not json {", headers={"Content-Type": ctype}) as resp:
+                assert resp.status == 200
+        assert be["a"][0].seen[-1].body == b"not json {"
+
+
+async def test_json_without_a_content_type_is_still_checked(tmp_path: Path) -> None:
+    async with echo_servers("a") as be, gateway({"a": be["a"][1].port}, tmp_path) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/completions", data=b"{bad", skip_auto_headers=["Content-Type"]) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_json"
+        assert be["a"][0].seen == []
+
+
 @pytest.mark.parametrize("raw_path", ["/v1/x?a=b%20c&q=a+b&empty=&flag", "/v1/a%2Fb/c", "/v1//double",
                                       "/v1/%E2%82%AC?x=%E2%82%AC"])
 async def test_query_and_encoded_paths_pass_through_unchanged(tmp_path: Path, raw_path: str) -> None:
