@@ -25,6 +25,10 @@ from gateway.state import STATE_KEY
 
 log = logging.getLogger("kvgate.serve")
 
+# Blocked from the start of `main` until a handler is in place, so that a SIGTERM sent
+# while the process (or a forked worker) is still starting drains instead of killing it.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
 
 def load_and_plan(path: str) -> tuple[GatewayConfig, list[FilterPlan]]:
     """Load, validate and plan a config file; ConfigError names the YAML path."""
@@ -62,8 +66,9 @@ async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_
     await site.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a stop that came early is delivered now
     log.info("kvgate listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
     await stop.wait()
     log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, server.drain_timeout)
@@ -93,10 +98,12 @@ def _serve_workers(config: GatewayConfig, plans: Sequence[FilterPlan]) -> int:
     for _ in range(config.server.workers):
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
                 _run(config, plans, reuse_port=True)
+                code = 0
             finally:
-                os._exit(0)
+                os._exit(code)
         children.append(pid)
 
     def forward(signum: int, _frame: object) -> None:
@@ -108,6 +115,7 @@ def _serve_workers(config: GatewayConfig, plans: Sequence[FilterPlan]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
@@ -132,6 +140,7 @@ def main(argv: Sequence[str]) -> int:
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, port=args.port))
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     if config.server.workers > 1:
         return _serve_workers(config, plans)
     _run(config, plans, reuse_port=False)
