@@ -177,7 +177,7 @@ def decode(frame: bytes) -> dict[str, Any]:
     """Parse a msgpack frame, or a JSON frame if it starts with `{`; raise ProtocolError."""
     try:
         raw = json.loads(frame) if frame[:1] == b"{" else msgpack.unpackb(frame, raw=False)
-    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
+    except (ValueError, msgpack.UnpackException, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"undecodable frame: {exc}") from exc
     if not isinstance(raw, dict):
         raise ProtocolError(f"frame is not a map but {type(raw).__name__}")

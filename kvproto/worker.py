@@ -14,7 +14,10 @@ LMCache worker does (lmcache 0.5.6 `cache_controller/worker.py`):
 Failure contract: nothing here raises into the backend or blocks it. Requests are
 time-boxed; a timed-out socket is closed and recreated (so it never wedges). When
 the controller loses our state (it was down, restarted, or answers a heartbeat with
-a full-sync command) the reporter re-registers and re-sends every key it holds.
+a full-sync command) the reporter re-registers and re-sends every key it holds. So
+does it when one of its own reports is lost (a failed send, or the queue overflowing):
+registering again makes the controller forget the worker's keys, which is the only
+way to retract an evict it never received.
 `admit`/`evict` only append to a bounded queue and may be called from any thread.
 """
 
@@ -79,11 +82,13 @@ class WorkerReporter:
         self._seq: dict[str, int] = {}
         self._lock = threading.Lock()
         self._resync = True
+        self._overflowed = False  # reports were dropped while registered: register again
         self._registered = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
+        self._lost = asyncio.Event()  # a report could not be sent: register again
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.asyncio.Socket | None = None
         self._rep: zmq.asyncio.Socket | None = None
@@ -173,7 +178,7 @@ class WorkerReporter:
                 self.stats["admitted" if op == OP_ADMIT else "evicted"] += 1
                 if len(self._pending) >= MAX_PENDING:
                     self._pending.clear()  # the full re-send below supersedes the queue
-                    self._resync = True
+                    self._resync = self._overflowed = True
                     self.stats["dropped"] += 1
                 self._pending.append((location, op, key))
         self._notify()
@@ -237,10 +242,22 @@ class WorkerReporter:
                     continue
                 backoff = 0.05
                 self.stats["registrations"] += 1
-                self._registered, self._resync = True, True  # re-registering clears our keys
+                with self._lock:  # re-registering clears our keys: re-send them all
+                    self._registered, self._resync, self._overflowed = True, True, False
                 self._wake.set()
-            await asyncio.sleep(self.heartbeat_interval)
+            if await self._report_lost(within=self.heartbeat_interval):
+                continue
             await self._heartbeat()
+
+    async def _report_lost(self, within: float) -> bool:
+        """Wait up to `within` seconds; True (and registration dropped) if a report was lost."""
+        try:
+            async with asyncio.timeout(within):
+                await self._lost.wait()
+        except TimeoutError:
+            return False
+        self._lost.clear()
+        return True
 
     async def _heartbeat(self) -> None:
         reply = await self._request("heartbeat", self._endpoint_msg("HeartbeatMsg"))
@@ -281,11 +298,19 @@ class WorkerReporter:
             self._wake.clear()
             if not self._registered:
                 continue  # ops before registration are dropped by the controller: keep them
+            if self._overflowed:
+                self._lose_registration()
+                continue
             for loc, op, keys in self._take_batches():
-                for i in range(0, len(keys), MAX_OPS_PER_MSG):
-                    self._send_ops(loc, op, keys[i : i + MAX_OPS_PER_MSG])
+                sent = all(self._send_ops(loc, op, keys[i : i + MAX_OPS_PER_MSG])
+                           for i in range(0, len(keys), MAX_OPS_PER_MSG))
+                if not sent:
+                    break  # the re-registration's full re-send covers the rest
 
-    def _send_ops(self, location: str, op: str, keys: list[int]) -> None:
+    def _send_ops(self, location: str, op: str, keys: list[int]) -> bool:
+        """Push one batch; on failure register again, because the controller clears a
+        re-registering worker's keys and only that retracts a lost evict (a re-sent
+        admit list cannot)."""
         assert self._push is not None
         first = self._seq.get(location, -1) + 1
         msg = make("BatchedKVOperationMsg", instance_id=self.instance_id,
@@ -295,11 +320,18 @@ class WorkerReporter:
             self._push.send(encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError:
             self.stats["send_errors"] += 1
-            with self._lock:
-                self._resync = True  # the controller's view is now incomplete
-            return
+            self._lose_registration()
+            return False
         self._seq[location] = first + len(keys) - 1
         self.stats["sent_ops"] += len(keys)
+        return True
+
+    def _lose_registration(self) -> None:
+        """The controller's view is now wrong: register again (loop thread only)."""
+        with self._lock:
+            self._resync, self._overflowed = True, False
+        self._registered = False
+        self._lost.set()
 
     async def _control_loop(self) -> None:
         assert self._rep is not None

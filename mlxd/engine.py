@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxd.chat_tokens import ChatTokenizer
-from mlxd.engine_types import EngineConfig, Event, GenRequest, QueueFull, Usage
+from mlxd.engine_types import EngineClosed, EngineConfig, Event, GenRequest, QueueFull, Usage
 from mlxd.metrics import DaemonMetrics
 from mlxd.prefix_cache import PrefixCache
 from mlxd.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "Event", "GenRequest", "QueueFull", "Usage"]
+__all__ = ["Engine", "EngineClosed", "EngineConfig", "Event", "GenRequest", "QueueFull", "Usage"]
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._by_req: dict[int, _Active] = {}
         self._stopping = False
+        self._closed = False  # set (under _lock) when the engine thread stops taking work
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._rt: Any = None  # MlxRuntime, made on the engine thread
         self._bg: Any = None
@@ -86,10 +87,17 @@ class Engine:
         self._thread.start()
 
     def submit(self, req: GenRequest) -> None:
-        """Queue `req`; raises QueueFull when `max_waiting` requests already wait."""
+        """Queue `req`; raises QueueFull when every batch slot is taken and `max_waiting`
+        requests already wait, and EngineClosed once the engine thread has stopped."""
         with self._lock:
-            if self._waiting >= self.cfg.max_waiting:
-                raise QueueFull(f"{self._waiting} requests waiting (limit {self.cfg.max_waiting})")
+            if self._closed:
+                raise EngineClosed("the engine has stopped")
+            # Submitted requests count as waiting until the engine thread takes them, so
+            # the free batch slots they are about to fill are room too.
+            room = self.cfg.max_waiting + max(0, self.cfg.max_running - len(self._active))
+            if self._waiting >= room:
+                raise QueueFull(f"{len(self._active)} requests running, {self._waiting} waiting "
+                                f"(limits {self.cfg.max_running} and {self.cfg.max_waiting})")
             self._waiting += 1
         self._inbox.put(("submit", req))
 
@@ -98,9 +106,14 @@ class Engine:
         self._inbox.put(("cancel", req))
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future[Any]:
-        """Run `fn(engine)` on the engine thread between steps (for cache control)."""
+        """Run `fn(engine)` on the engine thread between steps (for cache control); the
+        future fails with EngineClosed once the engine thread has stopped."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._inbox.put(("call", fn, future))
+        with self._lock:
+            if self._closed:
+                future.set_exception(EngineClosed("the engine has stopped"))
+                return future
+            self._inbox.put(("call", fn, future))
         return future
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -117,9 +130,21 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - reported through /health and the log
             log.exception("model load failed")
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self._close(f"model load failed: {self.load_error}")
             return
         finally:
             self.ready.set()
+        reason = "server shutting down"
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop survives single bugs; this is the end of it
+            log.exception("engine thread failed")
+            reason = f"engine stopped: {exc}"
+            self.load_error = reason  # /health reports it as it reports a failed load
+        finally:
+            self._close(reason)
+
+    def _loop(self) -> None:
         while not self._stopping:
             try:
                 self._drain_inbox(block=not self._active and not self._pending)
@@ -129,7 +154,6 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any one bug
                 log.exception("engine loop error")
                 self._fail_all(f"engine error: {exc}")
-        self._shutdown()
 
     def _load(self) -> None:
         from mlxd.kv_codec import MlxKVCodec
@@ -291,10 +315,22 @@ class Engine:
             act.req.sink(Event("error", text=message))
         self._bg = self._rt.new_batch_generator(self.cfg.max_running, self.cfg.prefill_step)
 
-    def _shutdown(self) -> None:
-        for act in list(self._active.values()):
-            act.req.sink(Event("error", text="server shutting down"))
-        for req in self._pending:
-            req.sink(Event("error", text="server shutting down"))
+    def _close(self, message: str) -> None:
+        """The thread is ending: refuse new work, answer every request still queued or
+        running with an error and fail pending calls, so nobody waits forever."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "submit":
+                self._pending.append(item[1])
+            elif item[0] == "call" and item[2].set_running_or_notify_cancel():
+                item[2].set_exception(EngineClosed(message))
+        for req in [a.req for a in self._active.values()] + list(self._pending):
+            req.sink(Event("error", text=message, status=503))
         self._active.clear()
+        self._by_req.clear()
         self._pending.clear()

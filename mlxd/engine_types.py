@@ -12,6 +12,10 @@ class QueueFull(Exception):
     """The engine's waiting queue is full; answer 429 with Retry-After."""
 
 
+class EngineClosed(Exception):
+    """The engine thread has stopped (shutdown, failed load or a fatal error); answer 503."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Engine limits. Capacities are in tokens; `cold_cache_tokens` 0 disables the cold tier."""
@@ -53,12 +57,15 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """`token` (text delta), `done` (finish_reason + usage) or `error` (text = message)."""
+    """`token` (text delta), `done` (finish_reason + usage) or `error` (text = message,
+    `status` = the HTTP status it maps to: 500 for a failed generation, 503 when the
+    engine stopped under the request)."""
 
     kind: str
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    status: int = 500
 
 
 @dataclass(eq=False)

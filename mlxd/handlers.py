@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mlxd.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
 from mlxd.engine import Engine
-from mlxd.engine_types import Event, GenRequest, QueueFull
+from mlxd.engine_types import EngineClosed, Event, GenRequest, QueueFull
 from mlxd.metrics import DaemonMetrics
 from mlxd.model_info import ModelInfo
 from mlxd.openai_api import (
@@ -31,6 +31,7 @@ from mlxd.openai_api import (
     wants_usage_in_stream,
 )
 
+DEFAULT_RETRY_S = 1
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -44,7 +45,7 @@ class Daemon:
     metrics: DaemonMetrics
     instance_id: str
     reporter: Any = None
-    retry_after_s: int = 1
+    retry_after_s: int = DEFAULT_RETRY_S
 
 
 DAEMON = web.AppKey("daemon", Daemon)
@@ -65,6 +66,8 @@ async def error_middleware(request: web.Request,
         return json_error(exc.status, str(exc), exc.err_type, exc.param)
     except PromptError as exc:
         return json_error(400, str(exc))
+    except EngineClosed as exc:
+        return json_error(503, str(exc), "service_unavailable", headers={"Retry-After": str(DEFAULT_RETRY_S)})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -81,6 +84,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # json.loads gives up on deeply nested arrays/objects
+        raise BadRequest("request body is not valid JSON: nested too deeply") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
@@ -88,6 +93,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 def _check_model(d: Daemon, body: dict[str, Any]) -> None:
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {type(model).__name__}", "model")
     if model is not None and model not in {d.info.name, str(d.info.path), d.instance_id}:
         raise BadRequest(f"The model `{model}` does not exist.", "model", 404, "NotFoundError")
 
@@ -146,7 +153,11 @@ async def _collect(shaper: ResponseShaper, events: asyncio.Queue[Event]) -> web.
             assert event.usage is not None
             return web.json_response(shaper.full("".join(parts), event.finish_reason, event.usage))
         else:
-            return json_error(500, event.text, "internal_server_error")
+            return json_error(event.status, event.text, _error_type(event.status))
+
+
+def _error_type(status: int) -> str:
+    return "service_unavailable" if status == 503 else "internal_server_error"
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -171,7 +182,7 @@ async def _stream(request: web.Request, shaper: ResponseShaper, events: asyncio.
                 if include_usage and event.usage is not None:
                     await resp.write(_sse(shaper.usage_chunk(event.usage)))
             else:
-                await resp.write(_sse(error_body(event.text, "internal_server_error", None, 500)))
+                await resp.write(_sse(error_body(event.text, _error_type(event.status), None, event.status)))
             await resp.write(_sse("[DONE]"))
             await resp.write_eof()
             return resp

@@ -50,6 +50,23 @@ def _int_or_none(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _seed(body: Mapping[str, Any]) -> int | None:
+    """vLLM's range for `seed`: any signed 64-bit integer."""
+    seed = _int_or_none(body, "seed")
+    if seed is not None and not INT64_MIN <= seed <= INT64_MAX:
+        raise BadRequest(f"'seed' must be in [{INT64_MIN}, {INT64_MAX}], got {seed}", "seed")
+    return seed
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    """`max_completion_tokens` wins over `max_tokens` whenever it is given (0 included)."""
+    value = _int_or_none(body, "max_completion_tokens")
+    return _int_or_none(body, "max_tokens") if value is None else value
+
+
 def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -63,7 +80,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 
 def gen_params(body: Mapping[str, Any], prompt_len: int, max_model_len: int, chat: bool) -> GenParams:
     """Validate sampling fields; `max_tokens` defaults to 16 (completions) or the rest of the context."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise BadRequest("only n=1 is supported", "n")
     if prompt_len == 0:
         raise BadRequest("the prompt is empty", "prompt")
@@ -71,7 +88,7 @@ def gen_params(body: Mapping[str, Any], prompt_len: int, max_model_len: int, cha
     if room < 1:
         raise BadRequest(f"This model's maximum context length is {max_model_len} tokens; "
                          f"the prompt has {prompt_len} tokens.", "messages" if chat else "prompt")
-    max_tokens = _int_or_none(body, "max_completion_tokens") or _int_or_none(body, "max_tokens")
+    max_tokens = _max_tokens(body)
     if max_tokens is None:
         max_tokens = room if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
     if max_tokens < 1 or max_tokens > room:
@@ -85,7 +102,7 @@ def gen_params(body: Mapping[str, Any], prompt_len: int, max_model_len: int, cha
         raise BadRequest("'top_p' must be in (0, 1]", "top_p")
     return GenParams(
         max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=top_p, seed=_int_or_none(body, "seed"), stop=_stop(body),
+        top_p=top_p, seed=_seed(body), stop=_stop(body),
         stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.get("ignore_eos", False)))
 
 

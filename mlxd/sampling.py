@@ -19,7 +19,8 @@ def make_sampler(temperature: float, top_p: float = 1.0, seed: int | None = None
     """A sampler over log-probabilities of shape (1, vocab), or None for greedy decoding."""
     if temperature <= 0:
         return None
-    key = mx.random.key(seed) if seed is not None else None
+    # mx.random.key takes an unsigned 64-bit seed; requests carry signed int64 (as vLLM's).
+    key = mx.random.key(seed % 2**64) if seed is not None else None
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key

@@ -66,6 +66,7 @@ def create_app(opts: ServeOptions) -> web.Application:
     _register_gauges(daemon)
     app = web.Application(middlewares=[handlers.error_middleware], client_max_size=64 * 2**20)
     app[DAEMON] = daemon
+    app.on_shutdown.append(_end_in_flight)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_reporter_ctx)
     app.router.add_post("/v1/completions", handlers.completions)
@@ -105,6 +106,13 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine.start()
     yield
     await asyncio.to_thread(engine.stop)
+
+
+async def _end_in_flight(app: web.Application) -> None:
+    """Stop the engine before aiohttp waits for (then cancels) in-flight handlers, so
+    their requests end with a clear error (a stream: an error event and `[DONE]`)
+    instead of being cut off at the shutdown timeout."""
+    await asyncio.to_thread(app[DAEMON].engine.stop)
 
 
 async def _reporter_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -25,7 +25,7 @@ import yaml
 
 from testbed.procs import ManagedProcess, free_ports, kvgate_cmd
 from testbed.smoke import WORDS, ask
-from testbed.stack import ROOT, Rewriter
+from testbed.stack import ROOT, Rewriter, sigterm_unwinds
 
 CONFIG = ROOT / "configs" / "demo.yaml"
 # Ports written in configs/demo.yaml; the demo maps each to a free one.
@@ -168,14 +168,15 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="kvgate-demo-"))
     demo = Demo(workdir, with_sim=not args.no_sim)
-    try:
-        demo.start()
-        failures = asyncio.run(run_workload(demo.url("gateway"), args.users))
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"demo: the stack failed to start: {exc}")
-        return 1
-    finally:
-        demo.stop()
+    with sigterm_unwinds():
+        try:
+            demo.start()
+            failures = asyncio.run(run_workload(demo.url("gateway"), args.users))
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"demo: the stack failed to start: {exc}")
+            return 1
+        finally:
+            demo.stop()
     log = workdir / "logs" / "access.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     records = [r for r in records if str(r.get("path", "")).endswith("completions")]

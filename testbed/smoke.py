@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from testbed.stack import DockerStack, LocalStack, docker_available
+from testbed.stack import DockerStack, LocalStack, docker_available, sigterm_unwinds
 
 GATEWAY, CONTROLLER = ("gateway", 8888), ("lmcache", 9000)
 WARM_BACKEND, VICTIM = ("sim-2", 8104), "sim-1"
@@ -192,7 +192,7 @@ def main(argv: Sequence[str]) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvgate-smoke-"))
     stack: LocalStack | DockerStack = DockerStack() if use_docker else LocalStack(workdir)
     print(f"kvgate smoke: {'docker compose' if use_docker else f'local processes (logs in {workdir}/logs)'}")
-    with stack:
+    with sigterm_unwinds(), stack:
         try:
             stack.start()
             checks = asyncio.run(run_checks(stack))

@@ -53,6 +53,11 @@ async def read_body(request: web.Request, spec: Spec) -> dict[str, Any]:
         raise BodyError(
             [{"type": "json_invalid", "loc": ["body", 0], "msg": f"JSON decode error: {exc}"}]
         ) from exc
+    except RecursionError as exc:  # too deeply nested: FastAPI answers 400 with this detail
+        raise web.HTTPBadRequest(
+            text=json.dumps({"detail": "There was an error parsing the body"}),
+            content_type="application/json",
+        ) from exc
     if not isinstance(raw, dict):
         raise BodyError([{"type": "model_attributes_type", "loc": ["body"],
                           "msg": "Input should be a valid dictionary or object"}])  # fmt: skip

@@ -99,5 +99,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"kvgate sim-vllm: {exc}")
         return 2
     logging.getLogger("sim_vllm").info("sim-vllm %s listening on http://%s:%d", args.id, args.host, args.port)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a client that goes away cancels its request (freeing its
+    # sequence slot), as vLLM aborts it.
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
     return 0

@@ -128,6 +128,11 @@ class Engine:
         lease = None
         try:
             lease = await self._prefill(prompt, result)
+            # The prompt blocks now in the cache count as referenced blocks; keep
+            # only the rest (partial tail block, output) private, or they count twice.
+            shared = min(private, len(lease.hashes))
+            private -= shared
+            self._private_blocks -= shared
             result.ttft_s = loop.time() - start
             self.stats.ttft.observe(result.ttft_s)
             rng = random.Random(hash(tuple(prompt[-64:])) ^ len(prompt))

@@ -60,6 +60,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:  # json.loads gives up on deeply nested arrays/objects
+        raise RequestError("malformed JSON body: nested too deeply") from exc
     if not isinstance(body, dict):
         raise RequestError("the JSON body must be an object")
     return body

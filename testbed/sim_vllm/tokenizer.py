@@ -104,6 +104,8 @@ class HashTokenizer:
             return compile_template(CHATML_TEMPLATE).render(**context)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from exc
+        except (TypeError, LookupError, AttributeError) as exc:  # request data the template cannot render
+            raise ValueError(f"chat template error: {type(exc).__name__}: {exc}") from exc
 
     def sample(self, rng: random.Random, n: int) -> list[int]:
         return [rng.choice(self._output_ids) for _ in range(n)]
