@@ -59,8 +59,11 @@ class CacheStrategyConfig:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.hot_window <= 0:
             raise FieldError("hot_window", "must be > 0")
-        if self.load_threshold <= 0:
-            raise FieldError("load_threshold", f"must be > 0, got {self.load_threshold}")
+        if not self.load_threshold > 0 or self.load_threshold == float("inf"):  # NaN would never compress
+            raise FieldError("load_threshold", f"must be a number > 0, got {self.load_threshold}")
+        for name in ("pin_location", "compress_method", "compress_location", "evict_location"):
+            if not getattr(self, name):
+                raise FieldError(name, "must not be empty")
         if not 0 < self.memory_threshold <= 1:
             raise FieldError("memory_threshold", f"must be in (0, 1], got {self.memory_threshold}")
         if self.retention < max(self.hot_window, self.cold_after):
@@ -117,6 +120,8 @@ class _View:
 
     stats: dict[int, PrefixStat]
     children: dict[int, list[int]] = field(default_factory=dict)
+    held: dict[str, list[PrefixStat]] = field(default_factory=dict)  # instance -> prefixes it holds
+    leaves: dict[str, list[PrefixStat]] = field(default_factory=dict)  # instance -> its cold leaves
 
     @classmethod
     def of(cls, prefixes: Sequence[PrefixStat]) -> _View:
@@ -124,6 +129,8 @@ class _View:
         for p in prefixes:
             if p.parent is not None and p.parent in view.stats:
                 view.children.setdefault(p.parent, []).append(p.key)
+            for instance in p.holders:
+                view.held.setdefault(instance, []).append(p)
         return view
 
     def is_cold(self, stat: PrefixStat, now: float, cold_after: float) -> bool:
@@ -178,15 +185,16 @@ def _pins(view: _View, now: float, config: CacheStrategyConfig) -> list[Action]:
 
 def _cold_leaves(view: _View, instance: str, now: float, config: CacheStrategyConfig) -> list[PrefixStat]:
     """Longest known prefixes held by `instance` whose whole chain is cold and unpinned there,
-    coldest first."""
-    leaves = [
-        s for s in view.stats.values()
-        if instance in s.holders
-        and not any(instance in view.stats[c].holders for c in view.children.get(s.key, ()))
-        and view.is_cold(s, now, config.cold_after)
-        and not view.pinned_in_chain(s, instance)
-    ]
-    leaves.sort(key=lambda s: (s.last_seen, -s.end, s.key))
+    coldest first (computed once per instance and round: eviction and compression share it)."""
+    leaves = view.leaves.get(instance)
+    if leaves is None:
+        leaves = view.leaves[instance] = [
+            s for s in view.held.get(instance, ())
+            if not any(instance in view.stats[c].holders for c in view.children.get(s.key, ()))
+            and view.is_cold(s, now, config.cold_after)
+            and not view.pinned_in_chain(s, instance)
+        ]
+        leaves.sort(key=lambda s: (s.last_seen, -s.end, s.key))
     return leaves
 
 

@@ -5,7 +5,8 @@ Modes (the kvcache filter's `instance_map:`):
   its `id` — so identity needs no configuration;
 - `identity`: instance id == endpoint id, ignoring `lmcache_instance_id`;
 - `query_instance`: ask the controller `/query_instance` with the endpoint URL's
-  host, off the hot path, and cache the answer for `refresh` seconds. Endpoints
+  host (its IP addresses, IPv4 first, when it is a name), off the hot path, and
+  cache the answer for `refresh` seconds. Endpoints
   with an explicit `lmcache_instance_id`, endpoints whose host is shared with
   another endpoint (the controller answers per IP, so it cannot tell them apart),
   and endpoints not resolved yet use the explicit/identity mapping.
@@ -13,7 +14,10 @@ Modes (the kvcache filter's `instance_map:`):
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -82,13 +86,21 @@ class InstanceMap:
         self._pending.update(stale)
         return stale
 
+    def unclaim(self, host: str) -> None:
+        """`host` was claimed but its query never ran (e.g. dropped): let it be claimed again."""
+        self._pending.discard(host)
+
     async def resolve(self, host: str) -> str | None:
         """Ask the controller which instance runs on `host` and cache the answer.
         A failed query keeps the previous answer and is asked again after `RETRY_AFTER`."""
         assert self._query is not None
         previous = self._by_ip.get(host, (None, 0.0))[0]
         try:
-            instance = await self._query(host)
+            instance = None
+            for address in await _addresses(host):  # the controller knows workers by IP
+                instance = await self._query(address)
+                if instance is not None:
+                    break
         except BaseException:
             # Ask again after a short pause, not a whole `refresh`.
             self._by_ip[host] = (previous, self._clock() - self._refresh + min(self._refresh, RETRY_AFTER))
@@ -98,6 +110,22 @@ class InstanceMap:
         self._by_ip[host] = (instance, self._clock())
         log.info("lmcache /query_instance %s -> %s", host, instance)
         return instance
+
+
+async def _addresses(host: str) -> list[str]:
+    """`host` if it is an IP address, else its addresses (IPv4 first); `host` itself
+    when it does not resolve."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return [host]
+    found = sorted({(family != socket.AF_INET, str(addr[0])) for family, _, _, _, addr in infos})
+    return [address for _, address in found] or [host]
 
 
 def _shared_hosts(endpoints: Sequence[EndpointView]) -> set[str]:

@@ -6,7 +6,10 @@ the cluster's endpoint ids and writes `ctx.hints`: tier "lmcache", matched prefi
 tokens per endpoint, the preferred (most matched) endpoint, `lookup_ms`, and a
 `reason`. If the controller is slow, down, behind an open breaker, or knows
 nothing useful, the local prefix index (learned from this gateway's own completed
-requests) answers instead: tier "local-index"; else tier "none".
+requests) answers instead: tier "local-index"; else tier "none". A longer prefix in
+the local index (one still being prefilled) beats a shorter controller match.
+`preferred_endpoint` is always an eligible endpoint (or None). Prompts without a
+full 256-token chunk are not looked up (they cannot match).
 
 On completion it teaches the local index which endpoint now holds the prompt's
 chunks, feeds the cache-management tracker and, at most once per
@@ -21,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from filters.base import CONTINUE, EndpointView, Filter, FilterResult, ResponseHead, Services
 from filters.cache_manager import CacheManager
@@ -60,14 +64,25 @@ class KVCacheConfig:
     cache_strategy: CacheStrategyConfig = field(default_factory=CacheStrategyConfig)
 
     def __post_init__(self) -> None:
-        if self.lmcache_endpoint is not None and not self.lmcache_endpoint.startswith(("http://", "https://")):
-            raise FieldError("lmcache_endpoint", f"must be an http(s) URL, got {self.lmcache_endpoint!r}")
+        if self.lmcache_endpoint is not None and not _http_url(self.lmcache_endpoint):
+            raise FieldError("lmcache_endpoint", f"must be an http(s) URL with a host, got {self.lmcache_endpoint!r}")
+        if self.instance_map_refresh <= 0:  # 0 would ask /query_instance on every request
+            raise FieldError("instance_map_refresh", "must be > 0")
         if self.lookup_timeout <= 0:
             raise FieldError("lookup_timeout", "must be > 0")
         if self.request_timeout <= 0:
             raise FieldError("request_timeout", "must be > 0")
         if self.lmcache_endpoint is None and (self.cache_strategy.enabled or self.instance_map == "query_instance"):
             raise FieldError("lmcache_endpoint", "is required by cache_strategy and instance_map: query_instance")
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad or out-of-range port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @register("kvcache")
@@ -83,6 +98,9 @@ class KVCacheFilter(Filter):
         self.instances = InstanceMap("identity" if config.instance_map == "identity" else "explicit")
         self.manager: CacheManager | None = None
         self._keys: dict[int, list[int]] = {}  # id(ctx) -> chunk keys, between on_request and on_complete
+        # id(ctx) -> (index node, keys the response head taught it that it did not hold before)
+        self._tentative: dict[int, tuple[str, list[int]]] = {}
+        self._ejected: set[str] = set()  # index nodes of endpoints seen ineligible (entries dropped)
 
     async def start(self) -> None:
         cfg = self.config
@@ -117,19 +135,29 @@ class KVCacheFilter(Filter):
         if ctx.cluster is None or not ctx.token_ids:
             hints.tier, hints.reason = "none", "no_tokens"
             return
+        if len(ctx.token_ids) < CHUNK_SIZE:  # no full chunk: nothing can match, spare the round trip
+            hints.tier, hints.reason = "none", "short_prompt"
+            return
         endpoints = self.services.clusters.endpoints(ctx.cluster)
+        self._forget_ejected(ctx.cluster, endpoints)
         reason = "no_controller"
         if self.client is not None:
             self._refresh_instances(endpoints)
             reason = await self._lookup(ctx, endpoints)
-            if hints.tier == "lmcache":
-                return
-        if self.config.local_index.enabled and len(ctx.token_ids) >= CHUNK_SIZE:
-            keys = self._request_keys(ctx) or []
-            matched = self.index.match(keys, [ep.id for ep in endpoints])
-            if matched:
-                _set_hints(ctx, "local-index", matched, reason)
-                return
+        local = self._local_match(ctx.cluster, endpoints, self._request_keys(ctx) or []) \
+            if self.config.local_index.enabled else {}
+        if hints.tier == "lmcache":
+            # The index also knows prefixes still being prefilled (taught by response heads),
+            # which no controller has heard of yet: a longer one there wins.
+            if local and max(local.values()) > max(hints.matched_tokens.values()):
+                merged = {**hints.matched_tokens}
+                for ep, n in local.items():
+                    merged[ep] = max(n, merged.get(ep, 0))
+                _set_hints(ctx, "local-index", merged, "lmcache_shorter", endpoints)
+            return
+        if local:
+            _set_hints(ctx, "local-index", local, reason, endpoints)
+            return
         hints.tier, hints.reason = "none", reason
 
     async def _lookup(self, ctx: RequestContext, endpoints: Sequence[EndpointView]) -> str:
@@ -154,7 +182,7 @@ class KVCacheFilter(Filter):
         else:
             matched = self._matched(result, endpoints)
             if matched:
-                _set_hints(ctx, "lmcache", matched, "lmcache")
+                _set_hints(ctx, "lmcache", matched, "lmcache", endpoints)
             else:
                 outcome = "miss"
         elapsed = time.perf_counter() - t0
@@ -171,9 +199,26 @@ class KVCacheFilter(Filter):
                 matched[endpoint] = max(tokens, matched.get(endpoint, 0))
         return matched
 
+    def _local_match(self, cluster: str, endpoints: Sequence[EndpointView], keys: list[int]) -> dict[str, int]:
+        names = {_node(cluster, ep.id): ep.id for ep in endpoints}
+        return {names[node]: n for node, n in self.index.match(keys, list(names)).items()}
+
+    def _forget_ejected(self, cluster: str, endpoints: Sequence[EndpointView]) -> None:
+        """An endpoint that became ineligible (failed health checks, open breaker) has
+        likely lost its cache (crash, restart): drop what the local index said it held,
+        once per outage, so it is not preferred for stale prefixes when it returns."""
+        for ep in endpoints:
+            node = _node(cluster, ep.id)
+            if ep.eligible():
+                self._ejected.discard(node)
+            elif node not in self._ejected:
+                self._ejected.add(node)
+                self.index.forget(node)
+
     def _refresh_instances(self, endpoints: Sequence[EndpointView]) -> None:
         for host in self.instances.claim_stale(endpoints):
-            self.services.background.submit("lmcache-query-instance", _resolver(self.instances, host))
+            if not self.services.background.submit("lmcache-query-instance", _resolver(self.instances, host)):
+                self.instances.unclaim(host)  # dropped (queue full): ask again on a later request
 
     def _request_keys(self, ctx: RequestContext) -> list[int] | None:
         """The prompt's chunk keys (computed once per request), or None if it has no full chunk."""
@@ -191,7 +236,8 @@ class KVCacheFilter(Filter):
         if self.config.local_index.enabled and ctx.endpoint is not None and 200 <= head.status < 300:
             keys = self._request_keys(ctx)
             if keys is not None:
-                self.index.learn(ctx.endpoint, keys)
+                node = _node(ctx.cluster or "", ctx.endpoint)
+                self._tentative[id(ctx)] = (node, self.index.learn(node, keys))
 
     async def on_complete(self, ctx: RequestContext) -> None:
         self.metrics.decision(ctx.hints.tier, ctx.hints.reason or "-", ctx.decision)
@@ -199,16 +245,20 @@ class KVCacheFilter(Filter):
             self._complete(ctx)
         finally:
             self._keys.pop(id(ctx), None)
+            self._tentative.pop(id(ctx), None)
 
     def _complete(self, ctx: RequestContext) -> None:
         keys = self._request_keys(ctx)
         if ctx.endpoint is not None and keys is not None:
             if ctx.status is None or not 200 <= ctx.status < 300 or ctx.ttfb_ms is None:
                 # No first byte: the prefill did not finish there, whatever on_response assumed.
-                self.index.forget(ctx.endpoint, keys)
+                # Only what on_response taught is withdrawn: chunks the endpoint held before
+                # (a shared system prompt) are still there.
+                node, learned = self._tentative.get(id(ctx), ("", []))
+                self.index.forget(node, learned)
                 return
             if self.config.local_index.enabled:
-                self.index.learn(ctx.endpoint, keys)
+                self.index.learn(_node(ctx.cluster or "", ctx.endpoint), keys)
             if self.manager is not None:
                 self._record(ctx, keys)
         if self.manager is not None:  # every completion may trigger a (rate-limited) round
@@ -226,9 +276,19 @@ class KVCacheFilter(Filter):
         return [ep for cluster in directory.cluster_names() for ep in directory.endpoints(cluster)]
 
     def _instance_loads(self) -> list[InstanceLoad]:
+        """One entry per LMCache instance (an instance behind endpoints of several clusters
+        counts once, with its highest load and KV usage)."""
         capacity = self.config.cache_strategy.endpoint_capacity
-        return [InstanceLoad(self.instances.instance_of(ep), max(ep.inflight, ep.num_requests_waiting or 0) / capacity,
-                             ep.kv_cache_usage) for ep in self._all_endpoints()]
+        loads: dict[str, InstanceLoad] = {}
+        for ep in self._all_endpoints():
+            instance = self.instances.instance_of(ep)
+            load = max(ep.inflight, ep.num_requests_waiting or 0) / capacity
+            kv_usage = ep.kv_cache_usage
+            seen = loads.get(instance)
+            if seen is not None:
+                load, kv_usage = max(load, seen.load or 0.0), _max_known(kv_usage, seen.kv_usage)
+            loads[instance] = InstanceLoad(instance, load, kv_usage)
+        return list(loads.values())
 
     def _action_outcome(self, action: Action, outcome: str) -> None:
         self.metrics.action(action.kind, outcome)
@@ -236,16 +296,29 @@ class KVCacheFilter(Filter):
                  action.reason)
 
     def _evicted(self, instance_id: str, keys: list[int]) -> None:
-        for ep in self._all_endpoints():
-            if self.instances.instance_of(ep) == instance_id:
-                self.index.forget(ep.id, keys)
+        directory = self.services.clusters
+        for cluster in directory.cluster_names():
+            for ep in directory.endpoints(cluster):
+                if self.instances.instance_of(ep) == instance_id:
+                    self.index.forget(_node(cluster, ep.id), keys)
 
 
 def _set_hints(ctx: RequestContext, tier: Literal["lmcache", "local-index"], matched: dict[str, int],
-               reason: str) -> None:
+               reason: str, endpoints: Sequence[EndpointView]) -> None:
+    """`preferred_endpoint`: the eligible endpoint with the longest match (None if none is eligible)."""
     hints = ctx.hints
     hints.tier, hints.matched_tokens, hints.reason = tier, matched, reason
-    hints.preferred_endpoint = max(matched, key=lambda ep: matched[ep])
+    eligible = [ep.id for ep in endpoints if ep.id in matched and ep.eligible()]
+    hints.preferred_endpoint = max(eligible, key=lambda ep: matched[ep]) if eligible else None
+
+
+def _node(cluster: str, endpoint_id: str) -> str:
+    """The local index's name for an endpoint: endpoint ids are unique only within a cluster."""
+    return f"{cluster}\x1f{endpoint_id}"
+
+
+def _max_known(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _resolver(instances: InstanceMap, host: str) -> Callable[[], Awaitable[None]]:

@@ -7,7 +7,7 @@
   (hit, miss, timeout, unavailable, breaker_open, error);
 - `kvgate_lmcache_breaker_state`: 0 closed, 1 half-open, 2 open;
 - `kvgate_cache_actions_total{kind,outcome}`: background pin/compress/evict by outcome
-  (ok, evicted, cleared, skipped, failed, dropped).
+  (ok, evicted, cleared, already_cleared, skipped, failed, dropped).
 Without a registry (unit tests) every method is a no-op.
 """
 

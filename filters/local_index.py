@@ -56,18 +56,24 @@ class LocalPrefixIndex:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def learn(self, endpoint_id: str, keys: Sequence[int]) -> None:
-        """Record that `endpoint_id` now holds the prefix whose chunk keys are `keys`."""
-        expires = self._clock() + self.ttl
+    def learn(self, endpoint_id: str, keys: Sequence[int]) -> list[int]:
+        """Record that `endpoint_id` now holds the prefix whose chunk keys are `keys`.
+        Returns the keys it did not hold (or held only past their TTL) before."""
+        now = self._clock()
+        expires = now + self.ttl
+        new = []
         for key in keys:
             holders = self._nodes.get(key)
             if holders is None:
                 holders = self._nodes[key] = {}
             else:
                 self._nodes.move_to_end(key)
+            if holders.get(endpoint_id, now) <= now:
+                new.append(key)
             holders[endpoint_id] = expires
         while len(self._nodes) > self.max_chunks:
             self._nodes.popitem(last=False)
+        return new
 
     def match(self, keys: Sequence[int], endpoints: Sequence[str] | None = None) -> dict[str, int]:
         """Matched prefix tokens per endpoint (only endpoints with at least one chunk).

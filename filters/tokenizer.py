@@ -6,6 +6,9 @@ Reads `ctx.prompt` (set by the `prompt` filter). Writes `ctx.token_ids` and
 - `"cache"`: a hit in the bounded TTL token cache (key: model + canonical prompt);
 - `"local"` / `"remote"`: the configured backend produced them (see `filters.tokenization`).
 
+Body fields that change the engine's ids (`add_special_tokens`, and for chat
+`continue_final_message`) are honoured as the engine honours them.
+
 For a completion request with several prompts, the first one is tokenized (it is
 what routing looks at). On any failure (remote down, breaker open, time budget
 spent, template error) the request CONTINUEs without token ids — routing then
@@ -35,10 +38,11 @@ from filters.tokenization import (
     TokenizeFailed,
     TokenizerBackend,
     cache_key,
+    engine_options,
 )
 from gateway.breaker import BreakerState
 from gateway.context import RequestContext
-from gateway.decode import FieldError, Seconds
+from gateway.decode import Bytes, FieldError, Seconds
 
 log = logging.getLogger(__name__)
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -46,16 +50,20 @@ _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 
 @dataclass(frozen=True, slots=True)
 class TokenCacheSettings:
-    """`cache:` — `max_size` entries (0 disables the cache), each kept for `ttl`."""
+    """`cache:` — at most `max_size` entries (0 disables the cache) and `max_bytes`
+    of ids, each kept for `ttl`."""
 
     max_size: int = 10000
     ttl: Seconds = 600.0
+    max_bytes: Bytes = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_size < 0:
             raise FieldError("max_size", f"must be >= 0, got {self.max_size}")
         if self.ttl <= 0:
             raise FieldError("ttl", f"must be > 0, got {self.ttl}")
+        if self.max_bytes < 1:
+            raise FieldError("max_bytes", f"must be >= 1 byte, got {self.max_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +121,7 @@ class TokenizerFilter(Filter):
 
     def __init__(self, config: TokenizerConfig, name: str, services: Services) -> None:
         super().__init__(config, name, services)
-        self.cache = TokenCache(config.cache.max_size, config.cache.ttl)
+        self.cache = TokenCache(config.cache.max_size, config.cache.ttl, max_bytes=config.cache.max_bytes)
         self.metrics = TokenizerMetrics(services.metrics)
         self.backend: TokenizerBackend | None = None
 
@@ -143,14 +151,15 @@ class TokenizerFilter(Filter):
         if prompt.kind == "completion" and isinstance(first, list):
             self._found(ctx, list(first), "request")
             return CONTINUE
-        key = cache_key(prompt)
+        options = engine_options(ctx.json, prompt.kind)
+        key = cache_key(prompt, options)
         cached = self.cache.get(key)
         if cached is not None:
             self._found(ctx, cached, "cache")
             return CONTINUE
         started = time.perf_counter()
         try:
-            ids = await self.backend.tokenize(prompt)
+            ids = await self.backend.tokenize(prompt, options)
         except TokenizeFailed as exc:
             self._failed(ctx, exc.reason, str(exc))
             return CONTINUE

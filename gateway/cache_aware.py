@@ -21,6 +21,7 @@ has a match: the least load cost wins). Ties rotate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from gateway.config import CacheAwareConfig
@@ -65,8 +66,7 @@ class CacheAwarePolicy:
             ctx.log_fields["saturated"] = sorted(ep.id for ep in candidates if ep not in pool)
         best_match = max(saved_tokens(ep, ctx) for ep in candidates)
         loads = [request_load(ep) for ep in pool]
-        ctx.scores = {ep.id: cfg.cache_weight * saved_tokens(ep, ctx) - cfg.load_weight * load_cost(ep, cfg)
-                      for ep in pool}
+        ctx.scores = {ep.id: self._score(ep, ctx) for ep in pool}
         if best_match == 0:  # every score is -load cost: the least prefill work ahead wins
             return self._decide(ctx, "no_hint_least_load", self._best_scored(pool, ctx))
         if self._imbalanced(min(loads), max(loads)):
@@ -74,6 +74,14 @@ class CacheAwarePolicy:
         chosen = self._best_scored(pool, ctx)
         won = saved_tokens(chosen, ctx) >= best_match
         return self._decide(ctx, "cache_hit" if won else "cache_hit_overridden_by_load", chosen)
+
+    def _score(self, ep: Endpoint, ctx: RequestContext) -> float:
+        """cache term - load term; a zero term stays zero whatever its weight (no inf * 0),
+        and a score that is still not a number (inf - inf) ranks last."""
+        cfg = self.config
+        saved, cost = saved_tokens(ep, ctx), load_cost(ep, cfg)
+        score = (cfg.cache_weight * saved if saved else 0.0) - (cfg.load_weight * cost if cost else 0.0)
+        return -math.inf if math.isnan(score) else score
 
     def _best_scored(self, pool: Sequence[Endpoint], ctx: RequestContext) -> Endpoint:
         top = max(ctx.scores[ep.id] for ep in pool)

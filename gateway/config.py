@@ -113,9 +113,14 @@ class CacheAwareConfig:
     prefill_tokens_per_request: int = 256
 
     def __post_init__(self) -> None:
-        if self.cache_weight < 0 or self.load_weight < 0:
-            raise FieldError("cache_weight", "weights must be >= 0")
-        if self.balance_rel_threshold < 1:
+        for name in ("cache_weight", "load_weight"):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise FieldError(name, f"must be a number >= 0, got {value}")
+        for name in ("balance_abs_threshold", "max_waiting", "prefill_tokens_per_request"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.balance_rel_threshold >= 1:
             raise FieldError("balance_rel_threshold", f"must be >= 1, got {self.balance_rel_threshold}")
         if not 0 < self.max_kv_usage <= 1:
             raise FieldError("max_kv_usage", f"must be in (0, 1], got {self.max_kv_usage}")

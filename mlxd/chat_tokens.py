@@ -12,6 +12,9 @@ Used by the daemon for generation *and* `/tokenize`, and importable by the gatew
   ``tools``, ``add_generation_prompt``, the tokenizer's special-token strings
   (``bos_token``, ``eos_token``, ...) and then ``chat_template_kwargs`` on top;
   then encode the text with ``add_special_tokens`` false unless asked otherwise.
+  With ``continue_final_message`` (vLLM's request field; needs
+  ``add_generation_prompt`` false) the text ends where the final message's
+  content does — its end-of-turn markup is cut off — as transformers does it.
 
 Message content given as a list of parts is flattened to its text parts joined
 with a newline before rendering (vLLM's "string" content format).
@@ -73,11 +76,32 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         content = message.get("content")
         if isinstance(content, list):
             texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise PromptError(f"messages[{i}].content: a text part's 'text' must be a string")
             message = {**message, "content": "\n".join(texts)}
         elif content is not None and not isinstance(content, str):
             raise PromptError(f"messages[{i}].content must be a string, a list of parts or null")
         out.append(message)
     return out
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tagged_final(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise PromptError("continue_final_message is set but the final message has no content to continue")
+    return {**message, "content": content + _CONTINUE_TAG}
+
+
+def _cut_at_tag(text: str) -> str:
+    """Cut the rendered chat where the final message's content ended (transformers' rule)."""
+    tag = _CONTINUE_TAG.strip()
+    if tag not in text:
+        raise PromptError("continue_final_message is set but the chat template drops the final message")
+    at = text.rindex(tag)
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def _token_text(value: Any) -> str | None:
@@ -122,26 +146,39 @@ class ChatTokenizer:
 
     def render_chat(self, messages: Any, add_generation_prompt: bool = True,
                     tools: Sequence[Any] | None = None,
-                    chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
-        """The chat template rendered to text (see the module docstring for the variables)."""
+                    chat_template_kwargs: Mapping[str, Any] | None = None,
+                    continue_final_message: bool = False) -> str:
+        """The chat template rendered to text (see the module docstring for the variables).
+        `continue_final_message`: the text ends where the final message's content does
+        (its end-of-turn markup cut off), as transformers/vLLM do."""
         if self.chat_template is None:
             raise PromptError("this model has no chat template; use /v1/completions")
-        context: dict[str, Any] = {**self.special_tokens, "messages": normalize_messages(messages),
+        if continue_final_message and add_generation_prompt:
+            raise PromptError("cannot set both 'continue_final_message' and 'add_generation_prompt' to true")
+        normalized = normalize_messages(messages)
+        if continue_final_message:
+            normalized[-1] = _tagged_final(normalized[-1])
+        context: dict[str, Any] = {**self.special_tokens, "messages": normalized,
                                    "tools": tools, "add_generation_prompt": add_generation_prompt}
         context.update(chat_template_kwargs or {})
         try:
-            return compile_template(self.chat_template).render(**context)
+            text = compile_template(self.chat_template).render(**context)
         except PromptError:
             raise
         except jinja2.TemplateError as exc:
             raise PromptError(f"chat template error: {exc}") from exc
+        except (TypeError, ValueError, LookupError, AttributeError) as exc:
+            # The template is the model's; these come from request data it cannot render
+            # (e.g. chat_template_kwargs replacing `messages` with a number).
+            raise PromptError(f"chat template error: {type(exc).__name__}: {exc}") from exc
+        return _cut_at_tag(text) if continue_final_message else text
 
     def encode_chat(self, messages: Any, add_generation_prompt: bool = True,
                     tools: Sequence[Any] | None = None,
                     chat_template_kwargs: Mapping[str, Any] | None = None,
-                    add_special_tokens: bool = False) -> list[int]:
+                    add_special_tokens: bool = False, continue_final_message: bool = False) -> list[int]:
         """Chat style ids: the rendered template encoded (no special tokens added by default)."""
-        text = self.render_chat(messages, add_generation_prompt, tools, chat_template_kwargs)
+        text = self.render_chat(messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message)
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -167,7 +204,8 @@ def completion_ids(ct: ChatTokenizer, body: Mapping[str, Any]) -> list[int]:
 
 def chat_ids(ct: ChatTokenizer, body: Mapping[str, Any]) -> list[int]:
     """Ids for a chat-style body (``messages``, ``add_generation_prompt`` default true,
-    ``tools``, ``chat_template_kwargs``, ``add_special_tokens`` default false)."""
+    ``tools``, ``chat_template_kwargs``, ``add_special_tokens`` and
+    ``continue_final_message`` default false)."""
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise PromptError("'chat_template_kwargs' must be an object")
@@ -175,4 +213,5 @@ def chat_ids(ct: ChatTokenizer, body: Mapping[str, Any]) -> list[int]:
     if tools is not None and not isinstance(tools, list):
         raise PromptError("'tools' must be a list")
     return ct.encode_chat(body.get("messages"), bool(body.get("add_generation_prompt", True)), tools,
-                          kwargs, add_special_tokens=bool(body.get("add_special_tokens", False)))
+                          kwargs, add_special_tokens=bool(body.get("add_special_tokens", False)),
+                          continue_final_message=bool(body.get("continue_final_message", False)))

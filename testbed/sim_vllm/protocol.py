@@ -152,7 +152,7 @@ def chat_prompt_ids(body: Mapping[str, Any], tokenizer: SimTokenizer) -> list[in
                                      tools=tools, chat_template_kwargs=kwargs)
     except ValueError as exc:
         raise RequestError(str(exc), param="messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=bool(_field(body, "add_special_tokens", bool, False)))
 
 
 def parse_chat(body: Mapping[str, Any], tokenizer: SimTokenizer, served: str,

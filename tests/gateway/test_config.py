@@ -68,6 +68,12 @@ def test_sizes(value: object, size: int) -> None:
     ("config: {path: logs/access.jsonl}", "config: {path: logs/a.jsonl, rotate: true}",
      "filters[1](access-log).config.rotate"),
     ("- type: prompt", "- type: promptz", "filters[0].type"),
+    ("lb_policy: round_robin", "lb_policy: cache_aware\n    cache_aware: {load_weight: -1}",
+     "clusters[0].cache_aware.load_weight"),
+    ("lb_policy: round_robin", "lb_policy: cache_aware\n    cache_aware: {cache_weight: .nan}",
+     "clusters[0].cache_aware.cache_weight"),
+    ("lb_policy: round_robin", "lb_policy: cache_aware\n    cache_aware: {max_waiting: -2}",
+     "clusters[0].cache_aware.max_waiting"),
 ])
 def test_errors_name_the_yaml_path(old: str, new: str, path: str, tmp_path: Path) -> None:
     assert old in VALID
