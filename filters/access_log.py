@@ -34,7 +34,7 @@ class AccessLogConfig:
             raise FieldError("path", "must be a file path or '-' for stdout")
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per line
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
 _second: list[Any] = [None, ""]  # (whole second, its formatted prefix): strftime once per second
 
 
@@ -115,7 +115,7 @@ class AccessLogFilter(Filter):
             return
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(_ENCODER.encode(access_record(ctx, self.config.include_filter_timings)) + "\n")
+        self._pending.append(_encode(access_record(ctx, self.config.include_filter_timings)) + "\n")
 
     def _flush(self) -> None:
         if not self._pending or self._out is None:

@@ -22,11 +22,11 @@ class PromptError(ValueError):
         self.param = param
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
 def _digest(model: str | None, payload: Any) -> str:
-    raw = _CANONICAL.encode([model, payload])
+    raw = _canonical([model, payload])
     return hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 

@@ -16,10 +16,19 @@ from gateway.context import RequestContext
 log = logging.getLogger("kvgate.filters")
 
 
+def _overrides(f: Filter, hook: str) -> bool:
+    """Does `f` do anything in `hook` (its class or the instance replaced the base's no-op)?"""
+    return getattr(getattr(f, hook), "__func__", None) is not getattr(Filter, hook)
+
+
 class FilterChain:
     def __init__(self, filters: Sequence[Filter]) -> None:
         self.filters = list(filters)
         self._reversed = list(reversed(self.filters))
+        # Per request, only the filters that override a response-side hook are called
+        # for it: the base class's hooks do nothing.
+        self._responders = [f for f in self._reversed if _overrides(f, "on_response")]
+        self._completers = [f for f in self._reversed if _overrides(f, "on_complete")]
 
     async def start(self) -> None:
         for f in self.filters:
@@ -52,7 +61,7 @@ class FilterChain:
 
     async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
         """Run `on_response` hooks in reverse order; an exception is logged, never fatal."""
-        for f in self._reversed:
+        for f in self._responders:
             try:
                 await f.on_response(ctx, head)
             except Exception:
@@ -60,7 +69,7 @@ class FilterChain:
 
     async def on_complete(self, ctx: RequestContext) -> None:
         """Run every `on_complete` hook in reverse order, whatever happened before."""
-        for f in self._reversed:
+        for f in self._completers:
             try:
                 await f.on_complete(ctx)
             except Exception:

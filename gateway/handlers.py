@@ -25,7 +25,7 @@ def _request_id(request: web.Request) -> str:
     """The client's `x-request-id` if it is sane, else 32 random hex digits (an id, not a
     secret: the process-local PRNG, reseeded after fork, costs no system call)."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+    return given if given and _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:

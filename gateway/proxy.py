@@ -84,14 +84,20 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
 
 def parse_usage(tail: bytes, ctx: RequestContext) -> None:
     """Fill `ctx.usage` from the last `"usage": {...}` object in the response tail."""
-    matches = list(_USAGE_RE.finditer(tail))
-    if not matches:
+    start = tail.rfind(b'"usage"')
+    if start < 0:
         return
-    segment = tail[matches[-1].end():]
+    found = _USAGE_RE.match(tail, start)  # the last occurrence is, nearly always, the last match
+    if found is None:
+        matches = list(_USAGE_RE.finditer(tail))
+        if not matches:
+            return
+        found = matches[-1]
+    end = found.end()
     for name, pattern in _INT_FIELD.items():
-        found = pattern.search(segment)
-        if found:
-            setattr(ctx.usage, name, int(found.group(1)))
+        field = pattern.search(tail, end)
+        if field:
+            setattr(ctx.usage, name, int(field.group(1)))
 
 
 class PrefillBacklog:
@@ -150,7 +156,7 @@ class Proxy:
     async def forward(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
                       policy: Policy) -> web.StreamResponse:
         tried: set[str] = set()
-        last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
+        last: UpstreamFailure | None = None
         attempts = cluster.config.retry.max_attempts
         stale: Endpoint | None = None
         while ctx.attempts < attempts:
@@ -168,6 +174,8 @@ class Proxy:
                 last = failure
                 if failure.stale and ctx.attempts == 1:
                     stale = endpoint
+        if last is None:
+            last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
         ctx.error = last.message
         return error_response(last.status, last.message, code=last.code, headers={"x-request-id": ctx.request_id})
 

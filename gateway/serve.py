@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -81,7 +82,22 @@ async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_
     log.info("kvgate stopped")
 
 
+def tune_gc() -> None:
+    """Tune this process's cyclic collector for proxying.
+
+    Proxied requests leave no cyclic garbage (reference counting frees them), yet with
+    CPython's default young threshold (700) the tracked objects of 32 in-flight requests
+    set off a collection every ~20 requests: ~24 µs of CPU per request under
+    `kvgate bench overhead`, and ~30 ms pauses in the p99. At 7000 it almost never runs;
+    `gc.freeze()` keeps the start-up heap (modules, config) out of full collections.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(7000, older, oldest)
+
+
 def _run(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool) -> None:
+    tune_gc()
     try:
         import uvloop
 

@@ -75,3 +75,12 @@ async def test_two_workers_share_the_port(tmp_path: Path) -> None:
     finally:
         proc.kill()
         await backend.close()
+
+
+def test_gateway_process_tunes_the_cyclic_collector() -> None:
+    import subprocess
+    import sys
+
+    code = "import gc; from gateway.serve import tune_gc; tune_gc(); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["7000", "True"]
