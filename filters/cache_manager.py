@@ -2,9 +2,12 @@
 
 `PrefixTracker` remembers, per prefix (chunk key), recent hit times and which
 instances served it — bounded (LRU, `max_tracked_prefixes`) and forgetful
-(`retention`). `CacheManager.maybe_run()` runs `decide()` at most once per
-`interval` and submits each action to the gateway's bounded background queue
-(a full queue drops it: counted as outcome "dropped"). An action in flight counts
+(`retention`). `CacheManager.maybe_run()` schedules a round at most once per
+`interval`, one at a time, as a job on the gateway's bounded background queue;
+the round snapshots the tracker on the loop (immutable, cached per prefix until
+it changes), runs `decide()` on that snapshot in a worker thread and submits each
+action to the same queue (a full queue drops it: counted as outcome "dropped").
+Everything else here runs on the event loop only. An action in flight counts
 as done for the next rounds; it is recorded on success and forgotten on failure,
 so a failed pin is tried again in a later round, never twice at once — after 1, 2,
 4, ... intervals as its failures repeat (at most `MAX_BACKOFF_ROUNDS` intervals).
@@ -12,6 +15,7 @@ so a failed pin is tried again in a later round, never twice at once — after 1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from array import array
@@ -35,6 +39,7 @@ log = logging.getLogger("kvgate.cache_strategy")
 Outcome = Callable[[Action, str], None]  # (action, outcome) -> None, for metrics
 MAX_BACKOFF_ROUNDS = 256  # a failing action is retried at least once per this many intervals
 MIN_BACKOFF = 1.0  # seconds: the backoff unit when `interval` is shorter (e.g. 0s: a round per completion)
+_NONE: frozenset[str] = frozenset()  # shared by the stats of prefixes pinned/compressed nowhere
 
 
 class CacheControl(Protocol):
@@ -57,6 +62,7 @@ class _Entry:
     holders: set[str] = field(default_factory=set)
     pinned: set[str] = field(default_factory=set)
     compressed: set[str] = field(default_factory=set)
+    stat: PrefixStat | None = None  # cached immutable view; None once any field above changed
 
 
 class PrefixTracker:
@@ -85,6 +91,7 @@ class PrefixTracker:
                 self._entries.move_to_end(key)
                 entry.tokens = tokens
             entry.hits.append(now)
+            entry.stat = None
             entry.last_seen = now
             entry.holders.add(instance_id)
             entry.compressed.discard(instance_id)
@@ -110,22 +117,24 @@ class PrefixTracker:
         while len(self.backoff) > self.config.max_tracked_prefixes:
             del self.backoff[next(iter(self.backoff))]
 
-    def snapshot(self, now: float | None = None) -> list[PrefixStat]:
+    def snapshot(self, now: float | None = None) -> tuple[PrefixStat, ...]:
         """Immutable stats for `decide()`; pending actions, and failed ones still
-        backing off at `now`, count as done."""
+        backing off at `now`, count as done. Each entry's stat is cached until the
+        entry changes, so a round costs one pass over the entries, not a rebuild."""
         held = set(self.pending)
         if now is not None:
             held.update(m for m, (_, not_before) in self.backoff.items() if not_before > now)
-        pins = {(k, i) for kind, k, i in held if kind == "pin"}
-        packs = {(k, i) for kind, k, i in held if kind == "compress"}
-        gone = {(k, i) for kind, k, i in held if kind == "evict"}
-        return [
-            PrefixStat(key, e.parent, e.root, e.end, tuple(e.hits), e.last_seen,
-                       frozenset(i for i in e.holders if (key, i) not in gone),
-                       frozenset(e.pinned | {i for k, i in pins if k == key}),
-                       frozenset(e.compressed | {i for k, i in packs if k == key}))
-            for key, e in self._entries.items()
-        ]
+        extra: dict[int, tuple[set[str], set[str], set[str]]] = {}  # key -> (pinned, compressed, gone)
+        for kind, key, instance in held:
+            if key in self._entries:
+                slot = extra.setdefault(key, (set(), set(), set()))
+                slot[("pin", "compress", "evict").index(kind)].add(instance)
+        out = [e.stat if e.stat is not None else _stat(key, e) for key, e in self._entries.items()]
+        if extra:
+            for i, key in enumerate(self._entries):
+                if key in extra:
+                    out[i] = _stat(key, self._entries[key], *extra[key])
+        return tuple(out)
 
     def prefix_tokens(self, key: int) -> list[int] | None:
         entry = self._entries.get(key)
@@ -143,23 +152,42 @@ class PrefixTracker:
     def cleared(self, instance_id: str, location: str) -> None:
         """`location` of `instance_id` was cleared as a whole: it holds none of the
         tracked prefixes any more (so none is evicted there again)."""
+        pin = location == self.config.pin_location
+        pack = location == self.config.compress_location
         for entry in self._entries.values():
-            entry.holders.discard(instance_id)
-            if location == self.config.pin_location:
-                entry.pinned.discard(instance_id)
-            if location == self.config.compress_location:
-                entry.compressed.discard(instance_id)
+            if (instance_id in entry.holders or (pin and instance_id in entry.pinned)
+                    or (pack and instance_id in entry.compressed)):
+                entry.stat = None
+                entry.holders.discard(instance_id)
+                if pin:
+                    entry.pinned.discard(instance_id)
+                if pack:
+                    entry.compressed.discard(instance_id)
 
     def applied(self, action: Action) -> None:
         """Record a successful action on the whole chain it touched."""
         for key in self.chain(action.key):
             entry = self._entries[key]
+            entry.stat = None
             if action.kind == "pin":
                 entry.pinned.add(action.instance_id)
             elif action.kind == "compress":
                 entry.compressed.add(action.instance_id)
             else:
                 entry.holders.discard(action.instance_id)
+
+
+def _stat(key: int, e: _Entry, pins: set[str] | None = None, packs: set[str] | None = None,
+          gone: set[str] | None = None) -> PrefixStat:
+    """`e` as an immutable stat; without extras it is cached on the entry."""
+    if pins is None and packs is None and gone is None:
+        e.stat = PrefixStat(key, e.parent, e.root, e.end, tuple(e.hits), e.last_seen, frozenset(e.holders),
+                            frozenset(e.pinned) if e.pinned else _NONE,
+                            frozenset(e.compressed) if e.compressed else _NONE)
+        return e.stat
+    return PrefixStat(key, e.parent, e.root, e.end, tuple(e.hits), e.last_seen,
+                      frozenset(e.holders - (gone or set())), frozenset(e.pinned | (pins or set())),
+                      frozenset(e.compressed | (packs or set())))
 
 
 def _compact(tokens: Sequence[int]) -> Sequence[int]:
@@ -184,23 +212,66 @@ class CacheManager:
         self._on_outcome = on_outcome
         self._on_evicted = on_evicted
         self._last_run: float | None = None
+        self._round: asyncio.Future[list[Action]] | None = None  # the round scheduled or running
         self._clears: dict[tuple[str, str], int] = {}  # (instance, location) -> times cleared whole
 
     def record(self, keys: Sequence[int], tokens: Sequence[int], instance_id: str) -> None:
         if keys:
             self.tracker.record(keys, tokens, instance_id, self._clock())
 
-    def maybe_run(self, instances: Sequence[InstanceLoad], gateway_load: float) -> list[Action]:
-        """Decide (at most once per `interval`) and submit; returns the actions submitted."""
+    @property
+    def busy(self) -> bool:
+        """A round is scheduled or running, or one of its actions is not finished."""
+        return self._round is not None or bool(self.tracker.pending)
+
+    def maybe_run(self, instances: Sequence[InstanceLoad], gateway_load: float) -> asyncio.Future[list[Action]]:
+        """Schedule a round as a job on the background queue — at most once per `interval`
+        and never while one is scheduled or running — and return at once (call on the loop).
+        The future gets the actions the round submitted; [] at once when no round was
+        scheduled (too early, one already under way, or the queue full). Nothing is
+        awaited here: the caller may ignore the future."""
+        future: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
         now = self._clock()
-        if self._last_run is not None and now - self._last_run < self.config.interval:
-            return []
+        if self._round is not None or (self._last_run is not None and now - self._last_run < self.config.interval):
+            future.set_result([])
+            return future
         self._last_run = now
-        actions = decide(Observations(self.tracker.snapshot(now), instances, gateway_load), now, self.config)
+        self._round = future
+        if not self.background.submit("cache-round", self._round_job(tuple(instances), gateway_load, future)):
+            self._round = None
+            future.set_result([])
+        return future
+
+    def _round_job(self, instances: tuple[InstanceLoad, ...], gateway_load: float,
+                   future: asyncio.Future[list[Action]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            submitted: list[Action] = []
+            try:
+                submitted = await self.run_round(instances, gateway_load)
+            except Exception as exc:  # noqa: BLE001 - a background job reports, never raises
+                log.warning("cache round failed: %s", exc, exc_info=True)
+            finally:
+                self._round = None
+                if not future.done():
+                    future.set_result(submitted)
+
+        return run
+
+    async def run_round(self, instances: Sequence[InstanceLoad], gateway_load: float) -> list[Action]:
+        """One round now, whatever the interval: the tracker's snapshot is taken on the loop,
+        `decide()` runs on it in a worker thread (it reads only that immutable snapshot, so
+        the loop goes on mutating the tracker), and the actions are submitted back on the
+        loop; returns the actions submitted. `maybe_run()` is the rate-limited way in."""
+        now = self._clock()
+        obs = Observations(self.tracker.snapshot(now), tuple(instances), gateway_load)
+        actions = await asyncio.to_thread(decide, obs, now, self.config)
+        return self._submit(actions)
+
+    def _submit(self, actions: list[Action]) -> list[Action]:
         submitted = []
         for action in actions:
             tokens = self.tracker.prefix_tokens(action.key)
-            if tokens is None:
+            if tokens is None:  # forgotten while decide() ran
                 continue
             marker = (action.kind, action.key, action.instance_id)
             self.tracker.pending.add(marker)

@@ -13,8 +13,9 @@ full 256-token chunk are not looked up (they cannot match).
 
 On completion it teaches the local index which endpoint now holds the prompt's
 chunks, feeds the cache-management tracker and, at most once per
-`cache_strategy.interval`, submits pin/compress/evict actions to the background
-queue. It never fails a request: every controller problem degrades to a tier.
+`cache_strategy.interval`, schedules a decision round on the background queue
+(decided in a worker thread; its pin/compress/evict actions go on that queue
+too). It never fails a request: every controller problem degrades to a tier.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ class KVCacheFilter(Filter):
                 self.index.learn(_node(ctx.cluster or "", ctx.endpoint), keys)
             if self.manager is not None:
                 self._record(ctx, keys)
-        if self.manager is not None:  # every completion may trigger a (rate-limited) round
+        if self.manager is not None:  # every completion may schedule a (rate-limited) round; not awaited
             self.manager.maybe_run(self._instance_loads(), self.services.gateway_load())
 
     def _record(self, ctx: RequestContext, keys: list[int]) -> None:

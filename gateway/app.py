@@ -60,7 +60,9 @@ def _clients(state: GatewayState):  # type: ignore[no-untyped-def]
                                               cookie_jar=aiohttp.DummyCookieJar())
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         state.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(5.0), trust_env=False)
-        state.background = BackgroundQueue(state.config.server.background_queue_size)
+        # Two workers: a cache-management round (decide() in a thread) must not hold up
+        # pin/compress/evict calls queued behind it.
+        state.background = BackgroundQueue(state.config.server.background_queue_size, workers=2)
         yield
         await state.session.close()
         await state.http.aclose()

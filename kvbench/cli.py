@@ -10,6 +10,7 @@ BENCHMARKS = {
     "overhead": "kvbench.overhead",
     "mlx": "kvbench.mlx",
     "routing": "kvbench.routing",
+    "cache-round": "kvbench.cache_round",
 }
 
 

@@ -75,13 +75,13 @@ async def test_hot_prefix_pinned_once_with_its_exact_tokens() -> None:
     clock = Clock()
     manager, control, queue, outcomes = await make(clock)
     serve(manager, clock, 3)
-    submitted = manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.1)], 0.0)
+    submitted = await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.1)], 0.0)
     assert [(a.kind, a.instance_id, a.end) for a in submitted] == [("pin", "inst-a", 512)]
     await wait_until(lambda: outcomes == [("pin", "ok")], message="pin done")
     assert control.calls == [("pin", "inst-a", 512)]
     serve(manager, clock, 5)
     clock.now += 5
-    assert manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.1)], 0.0) == []
+    assert await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.1)], 0.0) == []
     assert control.calls == [("pin", "inst-a", 512)]
     await queue.close()
 
@@ -90,11 +90,14 @@ async def test_rounds_are_rate_limited_by_interval() -> None:
     clock = Clock()
     manager, control, queue, _ = await make(clock)
     serve(manager, clock, 1)
-    assert manager.maybe_run([], 0.0) == []   # first round: nothing hot yet
-    serve(manager, clock, 2)                  # now hot, but only 0.2 s later
-    assert manager.maybe_run([], 0.0) == []
+    assert await manager.maybe_run([], 0.0) == []   # first round: nothing hot yet
+    assert queue.stats.submitted == 1               # the round itself ran as a background job
+    serve(manager, clock, 2)                        # now hot, but only 0.2 s later
+    assert await manager.maybe_run([], 0.0) == []
+    assert queue.stats.submitted == 1               # no round scheduled
     clock.now += 1.0
-    assert [a.kind for a in manager.maybe_run([], 0.0)] == ["pin"]
+    assert [a.kind for a in await manager.maybe_run([], 0.0)] == ["pin"]
+    assert queue.stats.submitted == 3               # a round and its pin
     await queue.close()
 
 
@@ -103,11 +106,11 @@ async def test_failed_pin_is_retried_in_a_later_round_never_concurrently() -> No
     manager, control, queue, outcomes = await make(clock)
     control.fail = True
     serve(manager, clock, 3)
-    assert len(manager.maybe_run([], 0.0)) == 1
+    assert len(await manager.maybe_run([], 0.0)) == 1
     await wait_until(lambda: outcomes == [("pin", "failed")], message="pin failure")
     control.fail = False
     clock.now += 1.0
-    assert len(manager.maybe_run([], 0.0)) == 1
+    assert len(await manager.maybe_run([], 0.0)) == 1
     await wait_until(lambda: outcomes[-1] == ("pin", "ok"), message="pin retried")
     assert control.calls == [("pin", "inst-a", 512)]
     await queue.close()
@@ -119,9 +122,9 @@ async def test_pending_action_is_not_submitted_twice() -> None:
     control = RecordingControl()
     manager = CacheManager(CFG, control, queue, clock=clock)
     serve(manager, clock, 3)
-    assert len(manager.maybe_run([], 0.0)) == 1
+    assert len(await manager.run_round([], 0.0)) == 1
     clock.now += 1.0
-    assert manager.maybe_run([], 0.0) == []
+    assert await manager.run_round([], 0.0) == []
     assert queue.pending() == 1
 
 
@@ -135,7 +138,7 @@ async def test_full_queue_drops_and_counts() -> None:
         for i in range(3):
             toks = [n] * 256 + [i] * 256
             manager.record(prompt_chunk_keys(toks), toks, f"inst-{n}")
-    submitted = manager.maybe_run([], 0.0)
+    submitted = await manager.run_round([], 0.0)
     assert len(submitted) == 1 and outcomes == [("pin", "dropped")]
     assert queue.stats.dropped == 1
 
@@ -154,12 +157,12 @@ async def test_eviction_of_cold_prefix_reports_chain_and_outcome() -> None:
     keys = prompt_chunk_keys(toks)
     manager.record(keys, toks, "inst-a")
     clock.now += 31  # cold
-    manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.95)], 0.0)
+    await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.95)], 0.0)
     await wait_until(lambda: outcomes == [("evict", "cleared")], message="evict done")
     assert control.calls == [("evict", "inst-a", 768)]
     assert evicted == [("inst-a", list(reversed(keys)))]
     clock.now += 1
-    assert manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.95)], 0.0) == []  # no longer held there
+    assert await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.95)], 0.0) == []  # no longer held there
     await queue.close()
 
 
@@ -184,7 +187,7 @@ def test_pin_marks_the_whole_chain() -> None:
 
 
 async def test_background_jobs_never_block_each_other() -> None:
-    """A slow action does not stop the filter path: maybe_run only queues."""
+    """A slow action does not stop the filter path: a round only queues its actions."""
     clock = Clock()
     gate = asyncio.Event()
 
@@ -198,7 +201,7 @@ async def test_background_jobs_never_block_each_other() -> None:
     control = Slow()
     manager = CacheManager(CFG, control, queue, clock=clock)
     serve(manager, clock, 3)
-    assert len(manager.maybe_run([], 0.0)) == 1  # returns at once although pin blocks
+    assert len(await manager.maybe_run([], 0.0)) == 1  # the round ends although pin blocks
     assert control.calls == []
     gate.set()
     await wait_until(lambda: control.calls == [("pin", "inst-a", 512)], message="slow pin")

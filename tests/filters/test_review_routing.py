@@ -227,15 +227,15 @@ async def test_a_permanently_failing_pin_backs_off_instead_of_running_every_roun
     control.fail = True
     serve(manager, clock, 3)
     for _ in range(40):  # 40 rounds, one interval apart
-        manager.maybe_run([], 0.0)
-        await wait_until(lambda: queue.pending() == 0 and not manager.tracker.pending, message="round done")
+        await manager.maybe_run([], 0.0)
+        await wait_until(lambda: queue.pending() == 0 and not manager.busy, message="round done")
         clock.now += CFG.interval
     failures = outcomes.count(("pin", "failed"))
     assert 3 <= failures <= 7, outcomes  # rounds 0, 1, 3, 7, 15, 31: not 40
     control.fail = False
     clock.now += 300 * CFG.interval
     serve(manager, clock, 3)  # hot again
-    manager.maybe_run([], 0.0)
+    await manager.maybe_run([], 0.0)
     await wait_until(lambda: outcomes[-1] == ("pin", "ok"), message="pin succeeds once the controller is back")
     assert not manager.tracker.backoff
     await queue.close()
@@ -394,8 +394,8 @@ async def test_an_evict_that_cleared_the_whole_location_is_not_repeated_for_ever
         manager.record(prompt_chunk_keys(tokens), tokens, "inst-a")
     clock.now += CFG.cold_after + 1
     for _ in range(3):
-        manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.99)], 0.0)
-        await wait_until(lambda: queue.pending() == 0 and not manager.tracker.pending, message="round done")
+        await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.99)], 0.0)
+        await wait_until(lambda: queue.pending() == 0 and not manager.busy, message="round done")
         clock.now += CFG.interval
     assert [c[0] for c in control.calls] == ["evict"]
     assert outcomes.count(("evict", "cleared")) == 1 and ("evict", "already_cleared") in outcomes
@@ -435,5 +435,5 @@ async def test_failing_pins_back_off_even_with_a_round_per_completion(make_rig: 
     pin = rig.router.post("/pin").mock(return_value=httpx.Response(400, json={"detail": "unknown instance"}))
     for i in range(30):
         await complete(rig.filter, "a", PROMPT[:1024] + [i] * 10)
-        await wait_until(lambda: not rig.filter.manager.tracker.pending, message="pin round done")
+        await wait_until(lambda: not rig.filter.manager.busy, message="pin round done")
     assert 1 <= pin.call_count <= 2
