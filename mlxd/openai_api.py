@@ -82,6 +82,9 @@ def gen_params(body: Mapping[str, Any], prompt_len: int, max_model_len: int, cha
     """Validate sampling fields; `max_tokens` defaults to 16 (completions) or the rest of the context."""
     if body.get("n") not in (None, 1):
         raise BadRequest("only n=1 is supported", "n")
+    for flag in ("stream", "ignore_eos"):
+        if body.get(flag) is not None and not isinstance(body.get(flag), bool):
+            raise BadRequest(f"'{flag}' must be a boolean", flag)
     if prompt_len == 0:
         raise BadRequest("the prompt is empty", "prompt")
     room = max_model_len - prompt_len
