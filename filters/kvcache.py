@@ -94,7 +94,8 @@ class KVCacheFilter(Filter):
     def __init__(self, config: KVCacheConfig, name: str, services: Services) -> None:
         super().__init__(config, name, services)
         self.metrics = KVCacheMetrics(services.metrics)
-        self.client: LMCacheClient | None = None
+        self.client: LMCacheClient | None = None  # lookups and /query_instance (request path)
+        self.actions_client: LMCacheClient | None = None  # background pin/compress/evict
         self.index = LocalPrefixIndex(config.local_index.max_chunks, config.local_index.ttl)
         self.instances = InstanceMap("identity" if config.instance_map == "identity" else "explicit")
         self.manager: CacheManager | None = None
@@ -110,20 +111,28 @@ class KVCacheFilter(Filter):
         breaker = cfg.circuit_breaker.build("lmcache", on_change=self._breaker_changed)
         self.client = LMCacheClient(cfg.lmcache_endpoint, self.services.http, request_timeout=cfg.request_timeout,
                                     retry=cfg.retry, breaker=breaker, evict_fallback=cfg.evict_fallback)
-        self.metrics.breaker_state(breaker.state)
+        # Background actions get their own breaker: a controller that rejects an action
+        # (real LMCache answers 500 to any compress method but "cachegen") must not take
+        # lookups, and so routing, down with it.
+        actions_breaker = cfg.circuit_breaker.build("lmcache-actions", on_change=self._breaker_changed)
+        self.actions_client = LMCacheClient(cfg.lmcache_endpoint, self.services.http,
+                                            request_timeout=cfg.request_timeout, retry=cfg.retry,
+                                            breaker=actions_breaker, evict_fallback=cfg.evict_fallback)
+        self.metrics.breaker_state(breaker.state, "lookup")
+        self.metrics.breaker_state(actions_breaker.state, "actions")
         if cfg.instance_map == "query_instance":
             everyone = self._all_endpoints()
             self.instances = InstanceMap("query_instance", query=self.client.query_instance,
                                          all_endpoints=everyone, refresh=cfg.instance_map_refresh)
             self._refresh_instances(everyone)
         if cfg.cache_strategy.enabled:
-            self.manager = CacheManager(cfg.cache_strategy, self.client, self.services.background,
+            self.manager = CacheManager(cfg.cache_strategy, self.actions_client, self.services.background,
                                         chunk_size=CHUNK_SIZE, on_outcome=self._action_outcome,
                                         on_evicted=self._evicted)
 
     def _breaker_changed(self, name: str, state: BreakerState) -> None:
-        log.warning("lmcache breaker is now %s", state.value)
-        self.metrics.breaker_state(state)
+        log.warning("%s breaker is now %s", name, state.value)
+        self.metrics.breaker_state(state, "actions" if name == "lmcache-actions" else "lookup")
 
     async def on_request(self, ctx: RequestContext) -> FilterResult:
         await self._hint(ctx)

@@ -5,7 +5,8 @@
 - `kvgate_routing_decisions_total{decision}`: the picker's decision ("cache_hit", "balance", ...);
 - `kvgate_kvcache_lookup_seconds{outcome}`: LMCache `/lookup` latency by outcome
   (hit, miss, timeout, unavailable, breaker_open, error);
-- `kvgate_lmcache_breaker_state`: 0 closed, 1 half-open, 2 open;
+- `kvgate_lmcache_breaker_state{calls}`: 0 closed, 1 half-open, 2 open, for the
+  request path (`lookup`) and for background actions (`actions`);
 - `kvgate_cache_actions_total{kind,outcome}`: background pin/compress/evict by outcome
   (ok, evicted, cleared, already_cleared, skipped, failed, dropped).
 Without a registry (unit tests) every method is a no-op.
@@ -38,7 +39,7 @@ def _collectors(registry: CollectorRegistry) -> dict[str, Any]:
             "lookup": Histogram("kvgate_kvcache_lookup_seconds", "LMCache /lookup latency", ["outcome"],
                                 registry=r, buckets=_LOOKUP_BUCKETS),
             "breaker": Gauge("kvgate_lmcache_breaker_state", "LMCache breaker: 0 closed, 1 half-open, 2 open",
-                             registry=r),
+                             ["calls"], registry=r),
             "actions": Counter("kvgate_cache_actions", "Background cache actions", ["kind", "outcome"],
                                registry=r),
         }
@@ -59,9 +60,10 @@ class KVCacheMetrics:
         if self._c is not None:
             self._c["lookup"].labels(outcome).observe(seconds)
 
-    def breaker_state(self, state: BreakerState) -> None:
+    def breaker_state(self, state: BreakerState, calls: str = "lookup") -> None:
+        """`calls`: "lookup" (the request path) or "actions" (background pin/compress/evict)."""
         if self._c is not None:
-            self._c["breaker"].set(_BREAKER_VALUE[state])
+            self._c["breaker"].labels(calls).set(_BREAKER_VALUE[state])
 
     def action(self, kind: str, outcome: str) -> None:
         if self._c is not None:

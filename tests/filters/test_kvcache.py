@@ -189,7 +189,7 @@ async def test_breaker_opens_then_lookups_cost_nothing_then_recovers(make_rig: A
     route = rig.router.post("/lookup").mock(side_effect=httpx.ConnectError("refused"))
     for _ in range(2):
         await rig.filter.on_request(ctx_for())
-    assert rig.metric("kvgate_lmcache_breaker_state") == 2
+    assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 2
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
     assert ctx.hints.reason == "lmcache_breaker_open" and route.call_count == 2
@@ -202,7 +202,7 @@ async def test_breaker_opens_then_lookups_cost_nothing_then_recovers(make_rig: A
         return ctx.hints.tier == "lmcache"
 
     await wait_until(recovered, timeout=5, message="breaker recovery")
-    assert rig.metric("kvgate_lmcache_breaker_state") == 0
+    assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 0
 
 
 @pytest.mark.parametrize("tokens,cluster", [(None, "llm"), ([], "llm"), (PROMPT, None)])
@@ -274,3 +274,26 @@ def test_config_errors_name_the_path(config: dict[str, Any], error: str) -> None
     with pytest.raises(ConfigError) as info:
         plan_filters([FilterSpec("prompt"), FilterSpec("kvcache", config=config)])
     assert str(info.value).startswith("filters[1](kvcache).") and error in str(info.value)
+
+
+async def test_rejected_background_actions_do_not_open_the_lookup_breaker(make_rig: Any) -> None:
+    from filters.lmcache_client import LMCacheError
+    from gateway.breaker import CircuitOpenError
+
+    rig = await make_rig({"lmcache_endpoint": CTL, "retry": {"max_attempts": 1},
+                          "circuit_breaker": {"failure_threshold": 2, "recovery_timeout": "10s",
+                                              "half_open_max_calls": 1}})
+    # Real LMCache answers 500 to any compress method but "cachegen".
+    compress = rig.router.post("/compress").respond(500, json={"detail": "unsupported method zstd"})
+    rig.router.post("/lookup").mock(return_value=layout(b=("LocalCPUBackend", 512)))
+    actions = rig.filter.actions_client
+    assert actions is not None and actions is not rig.filter.client
+    for _ in range(3):
+        with pytest.raises((LMCacheError, CircuitOpenError)):
+            await actions.compress("inst-a", "zstd", "LocalCPUBackend", PROMPT)
+    assert compress.call_count == 2  # the third call met an open breaker
+    assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "actions"}) == 2
+    assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 0
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx.hints.tier == "lmcache" and ctx.hints.matched_tokens == {"b": 512}

@@ -252,7 +252,7 @@ async def test_controller_down_breaker_opens_then_recovers(stack: Stack, http: h
         reasons = [r["routing_reason"] for _, _, r in records]
         assert reasons[-1] == "lmcache_breaker_open" and reasons[0] != "lmcache_breaker_open"
         assert records[-1][2]["lookup_ms"] < 10  # an open breaker costs ~nothing
-        assert await metric(stack.url, http, "kvgate_lmcache_breaker_state") == 2
+        assert await metric(stack.url, http, "kvgate_lmcache_breaker_state", calls="lookup") == 2
     finally:
         await http.post(stack.controller.admin_url + "/admin/faults", json={"down": False})
 
@@ -261,4 +261,4 @@ async def test_controller_down_breaker_opens_then_recovers(stack: Stack, http: h
         return bool(record["tier"] == "lmcache")
 
     await wait_until(recovered, timeout=15, interval=0.2, message="breaker closed again")
-    assert await metric(stack.url, http, "kvgate_lmcache_breaker_state") == 0
+    assert await metric(stack.url, http, "kvgate_lmcache_breaker_state", calls="lookup") == 0
