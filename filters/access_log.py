@@ -90,6 +90,7 @@ class AccessLogFilter(Filter):
     under load, one write for many requests instead of one each."""
 
     Config = AccessLogConfig
+    completes_last = True
     config: AccessLogConfig
 
     _out: IO[str] | None = None

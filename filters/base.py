@@ -103,6 +103,9 @@ class Filter:
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[Any] | None] = None
+    # Loggers (access-log) set this: their `on_complete` runs after every other filter's,
+    # so they see what the others recorded on the way out, wherever they sit in the chain.
+    completes_last: ClassVar[bool] = False
 
     def __init__(self, config: Any, name: str, services: Services) -> None:
         self.config = config

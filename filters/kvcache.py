@@ -136,7 +136,6 @@ class KVCacheFilter(Filter):
 
     async def on_request(self, ctx: RequestContext) -> FilterResult:
         await self._hint(ctx)
-        # Set here, not in on_complete: the access log (later in the chain) completes first.
         ctx.log_fields["routing_reason"] = ctx.hints.reason
         return CONTINUE
 

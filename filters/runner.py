@@ -1,4 +1,5 @@
-"""Runs the chain: config order in, reverse order out, `on_complete` always.
+"""Runs the chain: config order in, reverse order out, `on_complete` always
+(loggers that set `completes_last` complete after everyone else).
 
 Times every hook into `ctx.filter_ms`, and turns a filter's exception into a
 500 local reply that names the filter (the gateway keeps serving).
@@ -28,7 +29,9 @@ class FilterChain:
         # Per request, only the filters that override a response-side hook are called
         # for it: the base class's hooks do nothing.
         self._responders = [f for f in self._reversed if _overrides(f, "on_response")]
-        self._completers = [f for f in self._reversed if _overrides(f, "on_complete")]
+        completers = [f for f in self._reversed if _overrides(f, "on_complete")]
+        self._completers = ([f for f in completers if not f.completes_last]
+                            + [f for f in completers if f.completes_last])
 
     async def start(self) -> None:
         for f in self.filters:

@@ -71,3 +71,33 @@ async def test_exception_becomes_500_naming_the_filter_and_complete_still_runs()
     assert "'bad'" in error["message"] and error["code"] == "filter_error"
     await chain.on_complete(ctx)  # c raises in on_complete: logged, never fatal
     assert calls[-3:] == ["done:c", "done:bad", "done:a"]
+
+
+class Logger(Recorder):
+    completes_last = True
+
+
+async def test_loggers_complete_after_every_other_filter() -> None:
+    calls: list[str] = []
+    chain = FilterChain([Recorder("a", calls), Logger("log", calls), Recorder("c", calls)])
+    await chain.on_complete(_ctx())
+    assert calls == ["done:c", "done:a", "done:log"]
+
+
+async def test_access_log_sees_fields_set_in_other_filters_on_complete(tmp_path: Any) -> None:
+    import json
+
+    from filters.access_log import AccessLogConfig, AccessLogFilter
+
+    class Tagger(Recorder):
+        async def on_complete(self, ctx: RequestContext) -> None:
+            ctx.log_fields["tagged_by"] = self.name
+
+    services = Services(ClusterRegistry([]), BackgroundQueue(), httpx.AsyncClient())
+    access = AccessLogFilter(AccessLogConfig(path=str(tmp_path / "a.jsonl")), "access-log", services)
+    chain = FilterChain([Tagger("before", []), access, Tagger("after", [])])
+    await chain.start()
+    await chain.on_complete(_ctx())
+    await chain.close()
+    (line,) = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert json.loads(line)["tagged_by"] == "before"  # the last tagger to run before the log
