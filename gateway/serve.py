@@ -79,6 +79,9 @@ async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_
     while state.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110 - bounded drain poll
         await asyncio.sleep(0.05)
     await runner.cleanup()
+    # Closing the loop puts back the default (fatal) disposition; a second SIGTERM that
+    # arrives while the interpreter tears down must not turn a clean exit into a kill.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     log.info("kvgate stopped")
 
 

@@ -84,3 +84,27 @@ def test_gateway_process_tunes_the_cyclic_collector() -> None:
     code = "import gc; from gateway.serve import tune_gc; tune_gc(); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["7000", "True"]
+
+
+async def test_a_second_sigterm_during_shutdown_still_exits_cleanly(tmp_path: Path) -> None:
+    backend = await start_backend(FakeBackend("a"))
+    port = free_port()
+    proc = _gateway_process(tmp_path, backend.port, port)
+    try:
+        await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", 30)
+        proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(_wait_for_log, proc, "kvgate stopped")
+        proc.signal(signal.SIGTERM)  # lands during interpreter teardown, if it is still running
+        assert (await asyncio.to_thread(proc.stop, 15)) == 0, proc.log_tail()
+    finally:
+        proc.kill()
+        await backend.close()
+
+
+def _wait_for_log(proc: ManagedProcess, text: str, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in proc.log_tail() and proc.alive():
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.01)
