@@ -34,7 +34,7 @@ import aiohttp
 
 from kvbench.report import DEFAULT_PATH, write_section
 from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller
-from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd
+from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd, start_kvgate
 
 POLICIES = ("cache_aware", "round_robin", "least_inflight")
 
@@ -201,7 +201,7 @@ def run_policy(policy: str, opts: Options, prompts: Sequence[str], work: Path) -
         config = log_dir / "gateway.yaml"
         config.write_text(gateway_yaml(policy, {s: p for s, (p, _) in sims.items()}, port, access_log,
                                        controller.url))
-        gateway = ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), log_dir / "gateway.log").start()
+        gateway = start_kvgate("gateway", ["serve", "-c", str(config)], log_dir)
         gateway.wait_http(f"http://{HOST}:{port}/readyz")
         result = PolicyResult(policy)
         asyncio.run(drive(f"http://{HOST}:{port}/v1/completions", prompts, opts.concurrency, opts.max_tokens,

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from testbed.procs import ManagedProcess, free_ports, kvgate_cmd
+from testbed.procs import ManagedProcess, free_ports, start_kvgate
 from testbed.smoke import WORDS, ask
 from testbed.stack import ROOT, Rewriter, sigterm_unwinds
 
@@ -54,7 +54,7 @@ class Demo:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def _start(self, name: str, args: list[str], ready: str) -> None:
-        proc = ManagedProcess(name, kvgate_cmd(*args), self.workdir / "logs" / f"{name}.log").start()
+        proc = start_kvgate(name, args, self.workdir / "logs")
         self.procs.append(proc)
         proc.wait_http(ready, timeout=90)
 

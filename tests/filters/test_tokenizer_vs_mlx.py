@@ -19,7 +19,7 @@ from filters.prompt import extract_prompt
 from filters.tokenization import LocalTokenizer, RemoteTokenizer
 from gateway.context import Prompt
 from mlxd.tiny_model import write_model
-from testbed.procs import ManagedProcess, free_port, kvgate_cmd
+from testbed.procs import free_port, start_kvgate
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                             "parameters": {"type": "object",
@@ -58,8 +58,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log_dir = tmp_path_factory.mktemp("logs")
-    proc = ManagedProcess("mlx", kvgate_cmd("mlx-serve", "--model", str(model_dir), "--port", str(port),
-                                            "--served-model-name", "tiny"), log_dir / "mlx.log").start()
+    proc = start_kvgate("mlx", ["mlx-serve", "--model", str(model_dir), "--port", str(port),
+                                "--served-model-name", "tiny"], log_dir)
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
         yield f"http://127.0.0.1:{port}"

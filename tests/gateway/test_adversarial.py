@@ -25,7 +25,7 @@ from yarl import URL
 from gateway.monitor import parse_backend_load
 from gateway.state import STATE_KEY, GatewayState
 from testbed.fake_openai import FakeBackend
-from testbed.procs import ManagedProcess, free_port, kvgate_cmd
+from testbed.procs import free_port, start_kvgate
 from tests.conftest import wait_until
 from tests.gateway.adversarial_backend import (
     GZIP_BODY,
@@ -456,7 +456,7 @@ async def test_sigterm_with_idle_keepalive_connection_exits_cleanly(tmp_path: Pa
     config = tmp_path / "gw.yaml"
     text = gateway_yaml({"a": backend.port}, tmp_path / "access.jsonl", server=", drain_timeout: 60s")
     config.write_text(text.replace("port: 0,", f"port: {port},", 1))
-    proc = ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), tmp_path / "gateway.log").start()
+    proc = start_kvgate("gateway", ["serve", "-c", str(config)], tmp_path)
     try:
         await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", 30)
         async with aiohttp.ClientSession() as session:  # its connection stays open and idle

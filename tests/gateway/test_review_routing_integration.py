@@ -18,7 +18,7 @@ from gateway.endpoints import build_cluster
 from mlxd.chat_tokens import ChatTokenizer
 from mlxd.tiny_model import write_model
 from testbed.fake_openai import FakeBackend
-from testbed.procs import ManagedProcess, free_port, kvgate_cmd
+from testbed.procs import free_port, start_kvgate
 from tests.conftest import wait_until
 from tests.gateway.harness import Stack, gateway_yaml, start_backend, start_gateway
 
@@ -101,9 +101,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mlx_daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
-    proc = ManagedProcess("mlx", kvgate_cmd("mlx-serve", "--model", str(tiny_model), "--port", str(port),
-                                            "--served-model-name", "tiny"),
-                          tmp_path_factory.mktemp("logs") / "mlx.log").start()
+    proc = start_kvgate("mlx", ["mlx-serve", "--model", str(tiny_model), "--port", str(port),
+                                "--served-model-name", "tiny"], tmp_path_factory.mktemp("logs"))
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
         yield port

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvbench.routing import start_sims
 from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller, wait_for_layout
-from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd
+from testbed.procs import HOST, ManagedProcess, free_ports, start_kvgate
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         access_log = work / "access.jsonl"
         config = work / "gateway.yaml"
         config.write_text(gateway_config({s: p for s, (p, _) in sims.items()}, port, controller.url, access_log))
-        gateway = ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), work / "gateway.log").start()
+        gateway = start_kvgate("gateway", ["serve", "-c", str(config)], work)
         procs.append(gateway)
         gateway.wait_http(f"http://{HOST}:{port}/readyz")
         yield Stack(controller, {s: p for s, (p, _) in sims.items()}, port, access_log)

@@ -18,7 +18,7 @@ import pytest
 
 from kvbench.routing import start_sims
 from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller, wait_for_layout
-from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd
+from testbed.procs import HOST, ManagedProcess, free_ports, start_kvgate
 from tests.conftest import wait_until
 from tests.gateway.test_routing_integration import metric, prefix, words
 
@@ -70,7 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         (port,) = free_ports(1)
         config = work / "gateway.yaml"
         config.write_text(gateway_config(sim_port, port, controller.url, work / "access.jsonl"))
-        gateway = ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), work / "gateway.log").start()
+        gateway = start_kvgate("gateway", ["serve", "-c", str(config)], work)
         procs.append(gateway)
         gateway.wait_http(f"http://{HOST}:{port}/readyz")
         yield Stack(controller, sim_port, port)

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from testbed.fake_openai import FakeBackend
-from testbed.procs import ManagedProcess, free_port, kvgate_cmd
+from testbed.procs import ManagedProcess, free_port, start_kvgate
 from tests.gateway.harness import gateway_yaml, start_backend
 
 
@@ -17,7 +17,7 @@ def _gateway_process(tmp_path: Path, backend_port: int, port: int, extra_server:
     config = tmp_path / "gw.yaml"
     text = gateway_yaml({"a": backend_port}, tmp_path / "access.jsonl", server=extra_server)
     config.write_text(text.replace("port: 0,", f"port: {port},", 1))
-    return ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(config)), tmp_path / "gateway.log").start()
+    return start_kvgate("gateway", ["serve", "-c", str(config)], tmp_path)
 
 
 async def test_sigterm_drains_an_in_flight_stream_then_exits(tmp_path: Path) -> None:
