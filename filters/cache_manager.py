@@ -224,6 +224,13 @@ class CacheManager:
         """A round is scheduled or running, or one of its actions is not finished."""
         return self._round is not None or bool(self.tracker.pending)
 
+    def due(self) -> bool:
+        """Would `maybe_run` schedule a round now (interval elapsed, none under way)?
+        Callers check it first, so the observations are gathered only when they are used."""
+        if self._round is not None:
+            return False
+        return self._last_run is None or self._clock() - self._last_run >= self.config.interval
+
     def maybe_run(self, instances: Sequence[InstanceLoad], gateway_load: float) -> asyncio.Future[list[Action]]:
         """Schedule a round as a job on the background queue — at most once per `interval`
         and never while one is scheduled or running — and return at once (call on the loop).
@@ -231,11 +238,10 @@ class CacheManager:
         scheduled (too early, one already under way, or the queue full). Nothing is
         awaited here: the caller may ignore the future."""
         future: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
-        now = self._clock()
-        if self._round is not None or (self._last_run is not None and now - self._last_run < self.config.interval):
+        if not self.due():
             future.set_result([])
             return future
-        self._last_run = now
+        self._last_run = self._clock()
         self._round = future
         if not self.background.submit("cache-round", self._round_job(tuple(instances), gateway_load, future)):
             self._round = None

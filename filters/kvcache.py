@@ -270,7 +270,7 @@ class KVCacheFilter(Filter):
                 self.index.learn(_node(ctx.cluster or "", ctx.endpoint), keys)
             if self.manager is not None:
                 self._record(ctx, keys)
-        if self.manager is not None:  # every completion may schedule a (rate-limited) round; not awaited
+        if self.manager is not None and self.manager.due():  # rate-limited round; not awaited
             self.manager.maybe_run(self._instance_loads(), self.services.gateway_load())
 
     def _record(self, ctx: RequestContext, keys: list[int]) -> None:
