@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from filters.base import Filter
+from filters.keys import CACHE_HINTS, PROMPT, TOKENS, CacheHints, preferred_endpoint
 from filters.registry import register
-from gateway.context import RequestContext
-from gateway.decode import FieldError
+from kvkernel.context import RequestContext
+from kvkernel.decode import FieldError
 
 log = logging.getLogger("kvgate.access_log")
+_NO_HINTS = CacheHints()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +49,10 @@ def _iso(ts: float) -> str:
 
 def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> dict[str, Any]:
     """The access-log record of a finished request (no prompt text, only its hash)."""
-    prompt = ctx.prompt
-    hints = ctx.hints
+    prompt = ctx.get(PROMPT)
+    hints = ctx.get(CACHE_HINTS) or _NO_HINTS
+    tokens = ctx.get(TOKENS)
+    decision = ctx.decision
     predicted = hints.matched_tokens.get(ctx.endpoint, 0) if ctx.endpoint else None
     record: dict[str, Any] = {
         "time": _iso(ctx.received_at),
@@ -67,10 +71,11 @@ def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> 
         "ttfb_ms": round(ctx.ttfb_ms, 3) if ctx.ttfb_ms is not None else None,
         "retries": ctx.retries,
         "error": ctx.error,
-        "decision": ctx.decision,
+        "decision": decision.render() if decision else None,
+        "decision_reason": decision.reason or None if decision else None,
         "tier": hints.tier,
-        "preferred_endpoint": ctx.preferred_endpoint or hints.preferred_endpoint,
-        "prompt_tokens_local": len(ctx.token_ids) if ctx.token_ids is not None else None,
+        "preferred_endpoint": preferred_endpoint(ctx),
+        "prompt_tokens_local": len(tokens.ids) if tokens is not None else None,
         "predicted_cached_tokens": predicted,
         "matched_tokens": hints.matched_tokens or None,
         "lookup_ms": round(hints.lookup_ms, 3) if hints.lookup_ms is not None else None,

@@ -1,34 +1,31 @@
 """The filter contract: three async hooks with pass-through defaults.
 
 `on_request` runs in config order and may STOP with a local reply; `on_response`
-runs in reverse order once the upstream response head is known (before any byte
-reaches the client); `on_complete` runs in reverse order for every request,
-whatever happened. Filters reach cluster state only through `Services`.
+runs in reverse order once the response head is known (upstream or local, before
+any byte reaches the client); `on_complete` runs in reverse order for every
+request, whatever happened. Filters reach cluster state only through `Services`,
+and declare the typed state they need (`consumes`) and publish (`produces`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import httpx
 
-from gateway.context import RequestContext
-from gateway.errors import error_body
+from kvkernel.context import RequestContext, StateKey
+from kvkernel.reply import LocalReply, ResponseHead, error_reply
+
+__all__ = ["CONTINUE", "Action", "BackgroundSubmitter", "ClusterDirectory", "EndpointView", "Filter",
+           "FilterResult", "LocalReply", "ResponseHead", "Services", "stop"]
 
 
 class Action(enum.Enum):
     CONTINUE = "continue"
     STOP = "stop"
-
-
-@dataclass(frozen=True, slots=True)
-class LocalReply:
-    status: int
-    body: dict[str, Any]
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +40,7 @@ CONTINUE = FilterResult(Action.CONTINUE)
 def stop(status: int, message: str, *, code: str | None = None, param: str | None = None,
          headers: Mapping[str, str] | None = None) -> FilterResult:
     """STOP the chain with an OpenAI-shaped error reply."""
-    body = error_body(status, message, code=code, param=param)
-    return FilterResult(Action.STOP, LocalReply(status, body, dict(headers or {})))
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    """The upstream (or local) response as it is about to be sent; filters may add headers.
-    Proxied heads carry a CIMultiDict, so repeated headers (Set-Cookie, Link) survive."""
-
-    status: int
-    headers: MutableMapping[str, str]
+    return FilterResult(Action.STOP, error_reply(status, message, code=code, param=param, headers=headers))
 
 
 class EndpointView(Protocol):
@@ -103,6 +90,9 @@ class Filter:
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[Any] | None] = None
+    # Typed state this filter needs from earlier filters, and what it writes.
+    consumes: ClassVar[tuple[StateKey[Any], ...]] = ()
+    produces: ClassVar[tuple[StateKey[Any], ...]] = ()
     # Loggers (access-log) set this: their `on_complete` runs after every other filter's,
     # so they see what the others recorded on the way out, wherever they sit in the chain.
     completes_last: ClassVar[bool] = False

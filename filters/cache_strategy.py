@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.decode import FieldError, Seconds
+from kvkernel.decode import FieldError, Seconds
 
 ActionKind = Literal["pin", "compress", "evict"]
 

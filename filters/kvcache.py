@@ -1,8 +1,8 @@
-"""`kvcache` filter: where does this prompt's KV cache live? Writes `ctx.hints`.
+"""`kvcache` filter: where does this prompt's KV cache live? Writes `CACHE_HINTS`.
 
-Reads `ctx.token_ids` (the `tokenizer` filter) and `ctx.cluster`. On the request
+Reads `TOKENS` (the `tokenizer` filter) and `ctx.cluster`. On the request
 path it makes one LMCache `/lookup` within `lookup_timeout`, maps instance ids to
-the cluster's endpoint ids and writes `ctx.hints`: tier "lmcache", matched prefix
+the cluster's endpoint ids and writes `CACHE_HINTS`: tier "lmcache", matched prefix
 tokens per endpoint, the preferred (most matched) endpoint, `lookup_ms`, and a
 `reason`. If the controller is slow, down, behind an open breaker, or knows
 nothing useful, the local prefix index (learned from this gateway's own completed
@@ -16,35 +16,35 @@ chunks, feeds the cache-management tracker and, at most once per
 `cache_strategy.interval`, schedules a decision round on the background queue
 (decided in a worker thread; its pin/compress/evict actions go on that queue
 too). It never fails a request: every controller problem degrades to a tier.
+
+Three parts, one module each: lookup (`filters.cache_lookup`), learning
+(`filters.cache_learning`), cache management (`filters.cache_management`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
 from filters.base import CONTINUE, EndpointView, Filter, FilterResult, ResponseHead, Services
+from filters.cache_learning import PrefixLearner, request_keys
+from filters.cache_lookup import ControllerLookup
+from filters.cache_management import CacheManagement
 from filters.cache_manager import CacheManager
-from filters.cache_strategy import Action, CacheStrategyConfig, InstanceLoad
+from filters.cache_strategy import CacheStrategyConfig
 from filters.instance_map import InstanceMap, MapMode
+from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tier
 from filters.kvcache_metrics import KVCacheMetrics
-from filters.lmcache_client import (
-    CircuitOpenError,
-    LMCacheClient,
-    LMCacheError,
-    LMCacheUnavailable,
-    LookupResult,
-)
-from filters.local_index import LocalIndexConfig, LocalPrefixIndex, prompt_chunk_keys
+from filters.lmcache_client import LMCacheClient
+from filters.local_index import LocalIndexConfig, LocalPrefixIndex
 from filters.registry import register
-from filters.resilience import BreakerSettings, RetrySettings
-from gateway.breaker import BreakerState
-from gateway.context import RequestContext
-from gateway.decode import FieldError, Seconds
+from kvkernel.breaker import BreakerState
+from kvkernel.context import RequestContext
+from kvkernel.decode import FieldError, Seconds
+from kvkernel.resilience import BreakerSettings, RetrySettings
 from kvproto.chunks import CHUNK_SIZE
 
 log = logging.getLogger("kvgate.kvcache")
@@ -89,249 +89,118 @@ def _http_url(url: str) -> bool:
 @register("kvcache")
 class KVCacheFilter(Filter):
     Config = KVCacheConfig
+    consumes = (TOKENS,)
+    produces = (CACHE_HINTS,)
     config: KVCacheConfig
 
     def __init__(self, config: KVCacheConfig, name: str, services: Services) -> None:
         super().__init__(config, name, services)
         self.metrics = KVCacheMetrics(services.metrics)
-        self.client: LMCacheClient | None = None  # lookups and /query_instance (request path)
-        self.actions_client: LMCacheClient | None = None  # background pin/compress/evict
-        self.index = LocalPrefixIndex(config.local_index.max_chunks, config.local_index.ttl)
+        self.learner = PrefixLearner(config.local_index)
         self.instances = InstanceMap("identity" if config.instance_map == "identity" else "explicit")
-        self.manager: CacheManager | None = None
-        self._keys: dict[int, list[int]] = {}  # id(ctx) -> chunk keys, between on_request and on_complete
-        # id(ctx) -> (index node, keys the response head taught it that it did not hold before)
-        self._tentative: dict[int, tuple[str, list[int]]] = {}
-        self._ejected: set[str] = set()  # index nodes of endpoints seen ineligible (entries dropped)
+        self.lookup: ControllerLookup | None = None
+        self.actions_client: LMCacheClient | None = None  # background pin/compress/evict
+        self.management: CacheManagement | None = None
+
+    @property
+    def index(self) -> LocalPrefixIndex:
+        return self.learner.index
+
+    @property
+    def client(self) -> LMCacheClient | None:
+        return self.lookup.client if self.lookup is not None else None
 
     async def start(self) -> None:
         cfg = self.config
         if cfg.lmcache_endpoint is None:
             return
-        breaker = cfg.circuit_breaker.build("lmcache", on_change=self._breaker_changed)
-        self.client = LMCacheClient(cfg.lmcache_endpoint, self.services.http, request_timeout=cfg.request_timeout,
-                                    retry=cfg.retry, breaker=breaker, evict_fallback=cfg.evict_fallback)
+        client = self._client("lmcache")
         # Background actions get their own breaker: a controller that rejects an action
         # (real LMCache answers 500 to any compress method but "cachegen") must not take
         # lookups, and so routing, down with it.
-        actions_breaker = cfg.circuit_breaker.build("lmcache-actions", on_change=self._breaker_changed)
-        self.actions_client = LMCacheClient(cfg.lmcache_endpoint, self.services.http,
-                                            request_timeout=cfg.request_timeout, retry=cfg.retry,
-                                            breaker=actions_breaker, evict_fallback=cfg.evict_fallback)
-        self.metrics.breaker_state(breaker.state, "lookup")
-        self.metrics.breaker_state(actions_breaker.state, "actions")
+        actions_client = self.actions_client = self._client("lmcache-actions")
         if cfg.instance_map == "query_instance":
-            everyone = self._all_endpoints()
-            self.instances = InstanceMap("query_instance", query=self.client.query_instance,
+            everyone = [ep for c in self.services.clusters.cluster_names()
+                        for ep in self.services.clusters.endpoints(c)]
+            self.instances = InstanceMap("query_instance", query=client.query_instance,
                                          all_endpoints=everyone, refresh=cfg.instance_map_refresh)
-            self._refresh_instances(everyone)
+        self.lookup = ControllerLookup(client, self.instances, self.metrics, timeout=cfg.lookup_timeout,
+                                       retry=cfg.lookup_retry)
+        if cfg.instance_map == "query_instance":
+            self.lookup.refresh_instances(everyone, self.services.background)
         if cfg.cache_strategy.enabled:
-            self.manager = CacheManager(cfg.cache_strategy, self.actions_client, self.services.background,
-                                        chunk_size=CHUNK_SIZE, on_outcome=self._action_outcome,
-                                        on_evicted=self._evicted)
+            self.management = CacheManagement(cfg.cache_strategy, actions_client, self.instances,
+                                              self.services, self.metrics, self.learner.forget)
+
+    def _client(self, name: str) -> LMCacheClient:
+        cfg = self.config
+        assert cfg.lmcache_endpoint is not None
+        breaker = cfg.circuit_breaker.build(name, on_change=self._breaker_changed)
+        self.metrics.breaker_state(breaker.state, "actions" if name == "lmcache-actions" else "lookup")
+        return LMCacheClient(cfg.lmcache_endpoint, self.services.http, request_timeout=cfg.request_timeout,
+                             retry=cfg.retry, breaker=breaker, evict_fallback=cfg.evict_fallback)
 
     def _breaker_changed(self, name: str, state: BreakerState) -> None:
         log.warning("%s breaker is now %s", name, state.value)
         self.metrics.breaker_state(state, "actions" if name == "lmcache-actions" else "lookup")
 
     async def on_request(self, ctx: RequestContext) -> FilterResult:
-        await self._hint(ctx)
-        ctx.log_fields["routing_reason"] = ctx.hints.reason
+        hints = ctx[CACHE_HINTS] = await self._hint(ctx)
+        ctx.log_fields["routing_reason"] = hints.reason
         return CONTINUE
 
-    async def _hint(self, ctx: RequestContext) -> None:
-        hints = ctx.hints
-        if ctx.cluster is None or not ctx.token_ids:
-            hints.tier, hints.reason = "none", "no_tokens"
-            return
-        if len(ctx.token_ids) < CHUNK_SIZE:  # no full chunk: nothing can match, spare the round trip
-            hints.tier, hints.reason = "none", "short_prompt"
-            return
+    async def _hint(self, ctx: RequestContext) -> CacheHints:
+        tokens = ctx.get(TOKENS)
+        if ctx.cluster is None or tokens is None or not tokens.ids:
+            return CacheHints("none", reason="no_tokens")
+        if len(tokens.ids) < CHUNK_SIZE:  # no full chunk: nothing can match, spare the round trip
+            return CacheHints("none", reason="short_prompt")
         endpoints = self.services.clusters.endpoints(ctx.cluster)
-        self._forget_ejected(ctx.cluster, endpoints)
+        self.learner.forget_ejected(ctx.cluster, endpoints)
         reason = "no_controller"
-        if self.client is not None:
-            self._refresh_instances(endpoints)
-            reason = await self._lookup(ctx, endpoints)
-        local = self._local_match(ctx.cluster, endpoints, self._request_keys(ctx) or []) \
-            if self.config.local_index.enabled else {}
-        if hints.tier == "lmcache":
+        remote: dict[str, int] = {}
+        lookup_ms: float | None = None
+        if self.lookup is not None:
+            self.lookup.refresh_instances(endpoints, self.services.background)
+            found = await self.lookup.lookup(tokens.ids, endpoints)
+            remote, reason, lookup_ms = found.matched, found.reason, found.seconds * 1000
+        local = self.learner.match(ctx.cluster, endpoints, request_keys(ctx) or [])
+        if remote:
             # The index also knows prefixes still being prefilled (taught by response heads),
             # which no controller has heard of yet: a longer one there wins.
-            if local and max(local.values()) > max(hints.matched_tokens.values()):
-                merged = {**hints.matched_tokens}
+            if local and max(local.values()) > max(remote.values()):
+                merged = {**remote}
                 for ep, n in local.items():
                     merged[ep] = max(n, merged.get(ep, 0))
-                _set_hints(ctx, "local-index", merged, "lmcache_shorter", endpoints)
-            return
+                return _hints("local-index", merged, "lmcache_shorter", endpoints, lookup_ms)
+            return _hints("lmcache", remote, reason, endpoints, lookup_ms)
         if local:
-            _set_hints(ctx, "local-index", local, reason, endpoints)
-            return
-        hints.tier, hints.reason = "none", reason
-
-    async def _lookup(self, ctx: RequestContext, endpoints: Sequence[EndpointView]) -> str:
-        """One bounded lookup; fills hints on a useful answer; returns the reason string."""
-        assert self.client is not None and ctx.token_ids is not None
-        t0 = time.perf_counter()
-        outcome = "hit"
-        try:
-            result = await self.client.lookup(ctx.token_ids, timeout=self.config.lookup_timeout,
-                                              retry=self.config.lookup_retry)
-        except CircuitOpenError:
-            outcome = "breaker_open"
-        except LMCacheUnavailable:
-            spent = time.perf_counter() - t0
-            outcome = "timeout" if spent >= self.config.lookup_timeout * 0.95 else "unavailable"
-        except LMCacheError as exc:
-            log.warning("lmcache lookup failed: %s", exc)
-            outcome = "error"
-        except Exception:  # a hint is never worth failing the request for
-            log.exception("lmcache lookup raised unexpectedly")
-            outcome = "error"
-        else:
-            matched = self._matched(result, endpoints)
-            if matched:
-                _set_hints(ctx, "lmcache", matched, "lmcache", endpoints)
-            else:
-                outcome = "miss"
-        elapsed = time.perf_counter() - t0
-        ctx.hints.lookup_ms = elapsed * 1000
-        self.metrics.lookup(outcome, elapsed)
-        return "lmcache" if outcome == "hit" else f"lmcache_{outcome}"
-
-    def _matched(self, result: LookupResult, endpoints: Sequence[EndpointView]) -> dict[str, int]:
-        to_endpoint = self.instances.to_endpoints(endpoints)
-        matched: dict[str, int] = {}
-        for instance, (_, tokens) in result.layout.items():
-            endpoint = to_endpoint.get(instance)
-            if endpoint is not None and tokens > 0:
-                matched[endpoint] = max(tokens, matched.get(endpoint, 0))
-        return matched
-
-    def _local_match(self, cluster: str, endpoints: Sequence[EndpointView], keys: list[int]) -> dict[str, int]:
-        names = {_node(cluster, ep.id): ep.id for ep in endpoints}
-        return {names[node]: n for node, n in self.index.match(keys, list(names)).items()}
-
-    def _forget_ejected(self, cluster: str, endpoints: Sequence[EndpointView]) -> None:
-        """An endpoint that became ineligible (failed health checks, open breaker) has
-        likely lost its cache (crash, restart): drop what the local index said it held,
-        once per outage, so it is not preferred for stale prefixes when it returns."""
-        for ep in endpoints:
-            node = _node(cluster, ep.id)
-            if ep.eligible():
-                self._ejected.discard(node)
-            elif node not in self._ejected:
-                self._ejected.add(node)
-                self.index.forget(node)
-
-    def _refresh_instances(self, endpoints: Sequence[EndpointView]) -> None:
-        for host in self.instances.claim_stale(endpoints):
-            if not self.services.background.submit("lmcache-query-instance", _resolver(self.instances, host)):
-                self.instances.unclaim(host)  # dropped (queue full): ask again on a later request
-
-    def _request_keys(self, ctx: RequestContext) -> list[int] | None:
-        """The prompt's chunk keys (computed once per request), or None if it has no full chunk."""
-        tokens = ctx.token_ids
-        if tokens is None or len(tokens) < CHUNK_SIZE:
-            return None
-        keys = self._keys.get(id(ctx))
-        if keys is None:
-            keys = self._keys[id(ctx)] = prompt_chunk_keys(tokens)
-        return keys
+            return _hints("local-index", local, reason, endpoints, lookup_ms)
+        return CacheHints("none", lookup_ms=lookup_ms, reason=reason)
 
     async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        """The chosen endpoint accepted the request: it is computing this prefix now, so the
-        next request sharing it should go there too, before any controller hears of it."""
-        if self.config.local_index.enabled and ctx.endpoint is not None and 200 <= head.status < 300:
-            keys = self._request_keys(ctx)
-            if keys is not None:
-                node = _node(ctx.cluster or "", ctx.endpoint)
-                self._tentative[id(ctx)] = (node, self.index.learn(node, keys))
+        self.learner.on_head(ctx, head)
 
     async def on_complete(self, ctx: RequestContext) -> None:
-        self.metrics.decision(ctx.hints.tier, ctx.hints.reason or "-", ctx.decision)
-        try:
-            self._complete(ctx)
-        finally:
-            self._keys.pop(id(ctx), None)
-            self._tentative.pop(id(ctx), None)
+        hints = ctx.get(CACHE_HINTS)
+        self.metrics.decision(hints.tier if hints else "none", (hints.reason if hints else None) or "-",
+                              ctx.decision.kind.value if ctx.decision else "-")
+        keys = self.learner.on_complete(ctx)
+        if self.management is None:
+            return
+        tokens = ctx.get(TOKENS)
+        if keys is not None and tokens is not None and ctx.cluster is not None and ctx.endpoint is not None:
+            self.management.record(ctx.cluster, ctx.endpoint, keys, tokens.ids)
+        self.management.maybe_run()
 
-    def _complete(self, ctx: RequestContext) -> None:
-        keys = self._request_keys(ctx)
-        if ctx.endpoint is not None and keys is not None:
-            if ctx.status is None or not 200 <= ctx.status < 300 or ctx.ttfb_ms is None:
-                # No first byte: the prefill did not finish there, whatever on_response assumed.
-                # Only what on_response taught is withdrawn: chunks the endpoint held before
-                # (a shared system prompt) are still there.
-                node, learned = self._tentative.get(id(ctx), ("", []))
-                self.index.forget(node, learned)
-                return
-            if self.config.local_index.enabled:
-                self.index.learn(_node(ctx.cluster or "", ctx.endpoint), keys)
-            if self.manager is not None:
-                self._record(ctx, keys)
-        if self.manager is not None and self.manager.due():  # rate-limited round; not awaited
-            self.manager.maybe_run(self._instance_loads(), self.services.gateway_load())
-
-    def _record(self, ctx: RequestContext, keys: list[int]) -> None:
-        assert self.manager is not None and ctx.token_ids is not None
-        endpoints = self.services.clusters.endpoints(ctx.cluster) if ctx.cluster is not None else []
-        served = next((ep for ep in endpoints if ep.id == ctx.endpoint), None)
-        if served is not None:
-            self.manager.record(keys, ctx.token_ids, self.instances.instance_of(served))
-
-    def _all_endpoints(self) -> list[EndpointView]:
-        directory = self.services.clusters
-        return [ep for cluster in directory.cluster_names() for ep in directory.endpoints(cluster)]
-
-    def _instance_loads(self) -> list[InstanceLoad]:
-        """One entry per LMCache instance (an instance behind endpoints of several clusters
-        counts once, with its highest load and KV usage)."""
-        capacity = self.config.cache_strategy.endpoint_capacity
-        loads: dict[str, InstanceLoad] = {}
-        for ep in self._all_endpoints():
-            instance = self.instances.instance_of(ep)
-            load = max(ep.inflight, ep.num_requests_waiting or 0) / capacity
-            kv_usage = ep.kv_cache_usage
-            seen = loads.get(instance)
-            if seen is not None:
-                load, kv_usage = max(load, seen.load or 0.0), _max_known(kv_usage, seen.kv_usage)
-            loads[instance] = InstanceLoad(instance, load, kv_usage)
-        return list(loads.values())
-
-    def _action_outcome(self, action: Action, outcome: str) -> None:
-        self.metrics.action(action.kind, outcome)
-        log.info("cache %s %s on %s (%d tokens): %s", action.kind, outcome, action.instance_id, action.end,
-                 action.reason)
-
-    def _evicted(self, instance_id: str, keys: list[int]) -> None:
-        directory = self.services.clusters
-        for cluster in directory.cluster_names():
-            for ep in directory.endpoints(cluster):
-                if self.instances.instance_of(ep) == instance_id:
-                    self.index.forget(_node(cluster, ep.id), keys)
+    @property
+    def manager(self) -> CacheManager | None:
+        return self.management.manager if self.management is not None else None
 
 
-def _set_hints(ctx: RequestContext, tier: Literal["lmcache", "local-index"], matched: dict[str, int],
-               reason: str, endpoints: Sequence[EndpointView]) -> None:
+def _hints(tier: Tier, matched: dict[str, int], reason: str, endpoints: Sequence[EndpointView],
+           lookup_ms: float | None) -> CacheHints:
     """`preferred_endpoint`: the eligible endpoint with the longest match (None if none is eligible)."""
-    hints = ctx.hints
-    hints.tier, hints.matched_tokens, hints.reason = tier, matched, reason
     eligible = [ep.id for ep in endpoints if ep.id in matched and ep.eligible()]
-    hints.preferred_endpoint = max(eligible, key=lambda ep: matched[ep]) if eligible else None
-
-
-def _node(cluster: str, endpoint_id: str) -> str:
-    """The local index's name for an endpoint: endpoint ids are unique only within a cluster."""
-    return f"{cluster}\x1f{endpoint_id}"
-
-
-def _max_known(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else max(a, b)
-
-
-def _resolver(instances: InstanceMap, host: str) -> Callable[[], Awaitable[None]]:
-    async def run() -> None:
-        await instances.resolve(host)
-
-    return run
+    preferred = max(eligible, key=lambda ep: matched[ep]) if eligible else None
+    return CacheHints(tier, matched, preferred, lookup_ms, reason)

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.breaker import BreakerState
+from kvkernel.breaker import BreakerState
 
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _LOOKUP_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0)
@@ -53,8 +53,7 @@ class KVCacheMetrics:
     def decision(self, tier: str, reason: str, decision: str | None) -> None:
         if self._c is not None:
             self._c["decisions"].labels(tier, reason).inc()
-            # "cache_hit (client gone)" and "failover:cache_aware" keep their first word only.
-            self._c["routing"].labels((decision or "-").split(" ")[0]).inc()
+            self._c["routing"].labels(decision or "-").inc()
 
     def lookup(self, outcome: str, seconds: float) -> None:
         if self._c is not None:

@@ -2,9 +2,9 @@
 
 One client per controller, one circuit breaker per client (the controller is one
 dependency: every call, lookup or management, feeds the same breaker). Retries,
-breaker accounting and time budgets follow `filters.resilience`:
+breaker accounting and time budgets follow `kvkernel.resilience`:
 
-- `CircuitOpenError` (from `gateway.breaker`): the breaker is open; nothing was sent;
+- `CircuitOpenError` (from `kvkernel.breaker`): the breaker is open; nothing was sent;
 - `LMCacheUnavailable`: connect error / timeout / HTTP 5xx on every attempt, or the
   call's time budget ran out (the breaker counts one failure per such call);
 - `LMCacheRequestError`: a 4xx answer (never retried; counts as the controller
@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import httpx
 
-from filters.resilience import DEFAULT_RETRY, DependencyDown, ResilientCaller, RetrySettings
-from gateway.breaker import CircuitBreaker, CircuitOpenError
+from kvkernel.breaker import CircuitBreaker, CircuitOpenError
+from kvkernel.resilience import DEFAULT_RETRY, DependencyDown, ResilientCaller, RetrySettings
 
 __all__ = ["CircuitOpenError", "LMCacheClient", "LMCacheError", "LMCacheRequestError", "LMCacheResponseError",
            "LMCacheUnavailable", "LookupResult", "RetrySettings", "parse_layout"]

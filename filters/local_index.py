@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.decode import FieldError, Seconds
+from kvkernel.decode import FieldError, Seconds
 from kvproto.chunks import CHUNK_SIZE, chunk_keys
 
 

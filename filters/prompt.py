@@ -1,7 +1,7 @@
 """`prompt` filter: extracts model and prompt from OpenAI completion and chat bodies.
 
 Reads `ctx.json` (the parsed body) on `/v1/completions` and `/v1/chat/completions`
-(any path ending in `/completions` or `/chat/completions`); writes `ctx.prompt`
+(any path ending in `/completions` or `/chat/completions`); writes `PROMPT`
 and `ctx.stream`. Wrong types get a 400 naming the offending field.
 """
 
@@ -12,8 +12,9 @@ import json
 from typing import Any
 
 from filters.base import CONTINUE, Filter, FilterResult, stop
+from filters.keys import PROMPT, Prompt
 from filters.registry import register
-from gateway.context import Prompt, RequestContext
+from kvkernel.context import RequestContext
 
 
 class PromptError(ValueError):
@@ -122,6 +123,8 @@ def extract_prompt(path: str, body: dict[str, Any]) -> tuple[Prompt, bool] | Non
 
 @register("prompt")
 class PromptFilter(Filter):
+    produces = (PROMPT,)
+
     async def on_request(self, ctx: RequestContext) -> FilterResult:
         if ctx.json is None or ctx.method != "POST":
             return CONTINUE
@@ -132,5 +135,5 @@ class PromptFilter(Filter):
         except RecursionError:
             return stop(400, "request body is nested too deeply", code="invalid_json")
         if found is not None:
-            ctx.prompt, ctx.stream = found
+            ctx[PROMPT], ctx.stream = found
         return CONTINUE

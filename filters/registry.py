@@ -5,13 +5,25 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from filters.base import Filter, Services
-from gateway.config import FilterSpec
-from gateway.decode import ConfigError, decode_dataclass
+from kvkernel.context import StateKey
+from kvkernel.decode import ConfigError, decode_dataclass
 
 F = TypeVar("F", bound=type[Filter])
+
+
+class FilterSpec(Protocol):
+    """One entry of the config's `filters:` list (`config` is decoded here)."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def config(self) -> Any: ...
+
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _REGISTRY: dict[str, type[Filter]] = {}
 
@@ -69,6 +81,29 @@ def _decode_config(cls: type[Filter], raw: Any, path: str) -> Any:
             raise ConfigError(path, f"filter {cls.type_name!r} takes no config")
         return None
     return decode_dataclass(cls.Config, raw, path)
+
+
+def check_chain(plans: Sequence[FilterPlan], required: Sequence[tuple[str, StateKey[Any]]] = ()) -> None:
+    """Reject a chain that consumes typed state before any filter produced it.
+
+    `required` lists (YAML path, key) pairs needed by something after the chain (a
+    cluster's picker); each must be produced by some filter. Raises ConfigError.
+    """
+    produced: dict[StateKey[Any], str] = {}
+    for i, plan in enumerate(plans):
+        for key in plan.cls.consumes:
+            if key not in produced:
+                makers = [p.name for p in plans if key in p.cls.produces]
+                where = f"a filter that produces it ({', '.join(makers)}) comes later" if makers \
+                    else "no filter in the chain produces it"
+                raise ConfigError(f"filters[{i}]({plan.cls.type_name})",
+                                  f"needs {key.name!r} but {where}; reorder or add the producing filter")
+        for key in plan.cls.produces:
+            produced.setdefault(key, plan.name)
+    for path, key in required:
+        if key not in produced:
+            raise ConfigError(path, f"needs {key.name!r} from the filter chain, but no filter produces it "
+                                    f"(add the filters that do, e.g. prompt + tokenizer + kvcache)")
 
 
 def build_filters(plans: Sequence[FilterPlan], services: Services) -> list[Filter]:

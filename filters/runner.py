@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from filters.base import Action, Filter, FilterResult, LocalReply, ResponseHead, stop
-from gateway.context import RequestContext
+from kvkernel.context import DecisionKind, RequestContext, RoutingDecision
 
 log = logging.getLogger("kvgate.filters")
 
@@ -58,7 +58,7 @@ class FilterChain:
             finally:
                 ctx.filter_ms[f.name] = ctx.filter_ms.get(f.name, 0.0) + (time.perf_counter() - t0) * 1000
             if result.action is Action.STOP:
-                ctx.decision = ctx.decision or f"stopped by {f.name}"
+                ctx.decision = ctx.decision or RoutingDecision(DecisionKind.LOCAL_REPLY, reason=f"stopped by {f.name}")
                 return result.reply
         return None
 

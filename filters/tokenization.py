@@ -1,7 +1,7 @@
 """Tokenizer backends for the `tokenizer` filter: prompt -> the ids the engine prefills.
 
 - `LocalTokenizer`: in-process, from a model directory (`tokenizer.json` + the chat
-  template in `tokenizer_config.json`), through `mlxd.chat_tokens` — the very code
+  template in `tokenizer_config.json`), through `kvtok.chat_tokens` — the very code
   the MLX daemon uses for generation and `/tokenize` (it imports only `tokenizers`
   and `jinja2`, never MLX or transformers). Prompts of `min_chars_offload`
   characters or more, and chats with tools or tool calls, are tokenized on a
@@ -29,10 +29,10 @@ from typing import Any, Protocol
 import httpx
 from cachetools import TTLCache
 
-from filters.resilience import DependencyDown, ResilientCaller, RetrySettings
-from gateway.breaker import CircuitBreaker, CircuitOpenError
-from gateway.context import Prompt
-from mlxd.chat_tokens import ChatTokenizer, PromptError
+from filters.keys import Prompt
+from kvkernel.breaker import CircuitBreaker, CircuitOpenError
+from kvkernel.resilience import DependencyDown, ResilientCaller, RetrySettings
+from kvtok.chat_tokens import ChatTokenizer, PromptError
 
 # unavailable: connect error / timeout / 5xx after retries; circuit_open: breaker open;
 # rejected: the tokenizer answered 4xx; bad_answer: 2xx without a token list;

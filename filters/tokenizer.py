@@ -1,7 +1,7 @@
 """`tokenizer` filter: the prompt's token ids, exactly as the engine will prefill them.
 
-Reads `ctx.prompt` (set by the `prompt` filter). Writes `ctx.token_ids` and
-`ctx.token_source`:
+Reads `PROMPT` (set by the `prompt` filter). Writes `TOKENS` (ids and their
+source):
 - `"request"`: a completion prompt given as token ids is used as is;
 - `"cache"`: a hit in the bounded TTL token cache (key: model + canonical prompt);
 - `"local"` / `"remote"`: the configured backend produced them (see `filters.tokenization`).
@@ -28,8 +28,8 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from filters.base import CONTINUE, Filter, FilterResult, Services
+from filters.keys import PROMPT, TOKENS, Tokens
 from filters.registry import register
-from filters.resilience import BreakerSettings, RetrySettings
 from filters.tokenization import (
     REMOTE_RETRY,
     LocalTokenizer,
@@ -40,9 +40,10 @@ from filters.tokenization import (
     cache_key,
     engine_options,
 )
-from gateway.breaker import BreakerState
-from gateway.context import RequestContext
-from gateway.decode import Bytes, FieldError, Seconds
+from kvkernel.breaker import BreakerState
+from kvkernel.context import RequestContext
+from kvkernel.decode import Bytes, FieldError, Seconds
+from kvkernel.resilience import BreakerSettings, RetrySettings
 
 log = logging.getLogger(__name__)
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -117,6 +118,8 @@ class TokenizerMetrics:
 @register("tokenizer")
 class TokenizerFilter(Filter):
     Config = TokenizerConfig
+    consumes = (PROMPT,)
+    produces = (TOKENS,)
     config: TokenizerConfig
 
     def __init__(self, config: TokenizerConfig, name: str, services: Services) -> None:
@@ -144,7 +147,7 @@ class TokenizerFilter(Filter):
             await self.backend.close()
 
     async def on_request(self, ctx: RequestContext) -> FilterResult:
-        prompt = ctx.prompt
+        prompt = ctx.get(PROMPT)
         if prompt is None or self.backend is None:
             return CONTINUE
         first = prompt.first_prompt
@@ -173,8 +176,7 @@ class TokenizerFilter(Filter):
         return CONTINUE
 
     def _found(self, ctx: RequestContext, ids: list[int], source: str) -> None:
-        ctx.token_ids = ids
-        ctx.token_source = source
+        ctx[TOKENS] = Tokens(ids, source)
         self.metrics.results.labels(self.name, source).inc()
 
     def _failed(self, ctx: RequestContext, reason: str, message: str) -> None:

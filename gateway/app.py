@@ -9,36 +9,38 @@ import httpx
 from aiohttp import web
 
 from filters.base import Services
-from filters.registry import FilterPlan, build_filters, plan_filters
+from filters.registry import FilterPlan, build_filters
 from filters.runner import FilterChain
 from gateway import handlers
 from gateway.background import BackgroundQueue
-from gateway.balancer import make_policy
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
+from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import EndpointMonitor
+from gateway.plan import GatewayPlan, plan_gateway
 from gateway.proxy import Proxy
 from gateway.state import STATE_KEY, GatewayState
 
 
-def create_app(config: GatewayConfig, plans: Sequence[FilterPlan] | None = None,
+def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] | None = None,
                monitor: bool = True) -> web.Application:
-    """Build the gateway app. `plans` are validated filter specs (from `plan_filters`);
-    `monitor=False` disables background health checks (tests drive them by hand)."""
-    plans = list(plans) if plans is not None else plan_filters(config.filters)
+    """Build the gateway app. `plans`: a checked `GatewayPlan` (from `plan_gateway`), or
+    validated filter plans to check with the config's pickers; `monitor=False` disables
+    background health checks (tests drive them by hand). Raises ConfigError."""
+    plan = plans if isinstance(plans, GatewayPlan) else plan_gateway(config, plans)
     clusters = [build_cluster(c) for c in config.clusters]
     state = GatewayState(
         config=config,
         clusters=ClusterRegistry(clusters),
-        policies={c.name: make_policy(c.config) for c in clusters},
+        pickers={name: p.build() for name, p in plan.pickers.items()},
         metrics=GatewayMetrics(),
         routes=sorted(((r.match.prefix, r.cluster) for r in config.routes), key=lambda r: -len(r[0])),
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, handler_args={"max_field_size": 16384})
     app[STATE_KEY] = state
     app.cleanup_ctx.append(_clients(state))
-    app.cleanup_ctx.append(_filters(state, plans))
+    app.cleanup_ctx.append(_filters(state, plan.filters))
     app.cleanup_ctx.append(_background(state))  # drains before the filters and clients close
     if monitor:
         app.cleanup_ctx.append(_monitor(state))
@@ -75,11 +77,12 @@ def _filters(state: GatewayState, plans: Sequence[FilterPlan]):  # type: ignore[
         assert state.session is not None and state.http is not None and state.background is not None
         services = Services(clusters=state.clusters, background=state.background, http=state.http,
                             metrics=state.metrics.registry, gateway_load=state.load)
-        state.chain = FilterChain(build_filters(plans, services))
-        state.proxy = Proxy(state.session, state.chain, state.config.server.debug_headers)
-        await state.chain.start()
+        chain = FilterChain(build_filters(plans, services))
+        proxy = Proxy(state.session, state.config.server.debug_headers)
+        app[handlers.EXCHANGE_KEY] = Exchange(state, chain, proxy)
+        await chain.start()
         yield
-        await state.chain.close()
+        await chain.close()
 
     return ctx
 

@@ -2,22 +2,19 @@
 
 Filter configs are decoded by the filter registry (each filter owns its config
 class); here they stay raw (`FilterSpec.config`). Imports only the leaves
-`gateway.decode` and `gateway.breaker`.
+`kvkernel.decode` and `kvkernel.breaker`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from gateway.breaker import BreakerState, CircuitBreaker
-from gateway.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
+from kvkernel.breaker import CircuitBreakerConfig
+from kvkernel.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
 
-LbPolicy = Literal["round_robin", "least_inflight", "consistent_hash", "random", "cache_aware"]
 EndpointKind = Literal["mlx", "vllm", "openai"]
 
 
@@ -63,24 +60,6 @@ class HealthCheckConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class CircuitBreakerConfig:
-    failure_threshold: int = 5
-    recovery_timeout: Seconds = 10.0
-    half_open_max_calls: int = 2
-
-    def __post_init__(self) -> None:
-        if self.failure_threshold < 1:
-            raise FieldError("failure_threshold", f"must be >= 1, got {self.failure_threshold}")
-        if self.half_open_max_calls < 1:
-            raise FieldError("half_open_max_calls", f"must be >= 1, got {self.half_open_max_calls}")
-
-    def build(self, name: str, clock: Callable[[], float] = time.monotonic,
-              on_change: Callable[[str, BreakerState], None] | None = None) -> CircuitBreaker:
-        return CircuitBreaker(name, self.failure_threshold, self.recovery_timeout, self.half_open_max_calls,
-                              clock=clock, on_change=on_change)
-
-
-@dataclass(frozen=True, slots=True)
 class RetryConfig:
     max_attempts: int = 2
 
@@ -98,32 +77,6 @@ class TimeoutsConfig:
         for name in ("connect", "first_byte"):  # aiohttp reads 0 as "no timeout at all"
             if getattr(self, name) <= 0:
                 raise FieldError(name, "must be > 0")
-
-
-@dataclass(frozen=True, slots=True)
-class CacheAwareConfig:
-    """Weights of the cache_aware picker (see docs/filters.md, "Picker")."""
-
-    cache_weight: float = 1.0
-    load_weight: float = 1.0
-    balance_abs_threshold: int = 16
-    balance_rel_threshold: float = 1.5
-    max_waiting: int = 16
-    max_kv_usage: float = 0.95
-    prefill_tokens_per_request: int = 256
-
-    def __post_init__(self) -> None:
-        for name in ("cache_weight", "load_weight"):
-            value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise FieldError(name, f"must be a number >= 0, got {value}")
-        for name in ("balance_abs_threshold", "max_waiting", "prefill_tokens_per_request"):
-            if getattr(self, name) < 0:
-                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.balance_rel_threshold >= 1:
-            raise FieldError("balance_rel_threshold", f"must be >= 1, got {self.balance_rel_threshold}")
-        if not 0 < self.max_kv_usage <= 1:
-            raise FieldError("max_kv_usage", f"must be in (0, 1], got {self.max_kv_usage}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +106,24 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PickerSpec:
+    """`picker:` of a cluster; `config` is decoded by the picker's own config class."""
+
+    type: str
+    config: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str
     endpoints: list[EndpointConfig]
-    lb_policy: LbPolicy = "least_inflight"
+    lb_policy: str | None = None  # short form of `picker: {type: NAME}`
+    picker: PickerSpec | None = None
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+    cache_aware: Any = None  # the cache_aware picker's config in the short form (raw)
     metrics_interval: Seconds = 2.0
 
     def __post_init__(self) -> None:
@@ -169,6 +131,8 @@ class ClusterConfig:
             raise FieldError("endpoints", "a cluster needs at least one endpoint")
         if self.metrics_interval <= 0:
             raise FieldError("metrics_interval", "must be > 0")
+        if self.lb_policy is not None and self.picker is not None:
+            raise FieldError("picker", "give either `lb_policy` (short form) or `picker`, not both")
         seen: set[str] = set()
         for i, ep in enumerate(self.endpoints):
             if ep.id in seen:

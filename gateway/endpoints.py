@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.config import ClusterConfig, EndpointConfig
+from kvkernel.breaker import BreakerState, CircuitBreaker
 
 
 @dataclass(slots=True)

@@ -7,8 +7,9 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.breaker import BreakerState
 from gateway.endpoints import ClusterRegistry
+from kvkernel.breaker import BreakerState
+from kvkernel.context import RequestContext
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -43,6 +44,17 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def observe(self, ctx: RequestContext) -> None:
+        """Count one finished request."""
+        cluster = ctx.cluster or "-"
+        self.child(self.requests, cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
+        if ctx.latency_ms is not None:
+            self.child(self.latency, cluster).observe(ctx.latency_ms / 1000)
+        if ctx.ttfb_ms is not None:
+            self.child(self.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
+        if ctx.retries:
+            self.child(self.retries, cluster).inc(ctx.retries)
 
     def refresh_endpoints(self, clusters: ClusterRegistry) -> None:
         """Copy live endpoint state into gauges (called when /metrics is scraped)."""

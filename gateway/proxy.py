@@ -1,4 +1,7 @@
-"""The proxy step: pick an endpoint, forward, stream the answer back unbuffered.
+"""The proxy step: the terminal step of an exchange. It asks for an endpoint, forwards,
+and streams the answer back unbuffered. It knows nothing of the filter chain: the
+exchange hands it a `ForwardPlan` (how to choose the next endpoint, what to call
+with the response head before a byte is sent, the predicted prefill per endpoint).
 
 Retries and fail-over happen only before the first byte reached the client:
 connect errors, timeouts before the response head, and 502/503/504 answers.
@@ -11,19 +14,17 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from filters.base import ResponseHead
-from filters.runner import FilterChain
-from gateway.balancer import Policy
-from gateway.context import RequestContext
 from gateway.endpoints import Cluster, Endpoint
-from gateway.errors import error_response
+from kvkernel.context import RequestContext
+from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
 log = logging.getLogger("kvgate.proxy")
 
@@ -130,37 +131,31 @@ class UpstreamFailure(Exception):
         self.stale = stale  # the connection closed before any answer: a fresh one may work
 
 
+@dataclass(frozen=True, slots=True)
+class ForwardPlan:
+    """What the exchange gives the proxy for one request."""
+
+    cluster: Cluster
+    choose: Callable[[set[str]], Endpoint | None]  # next endpoint, given the ids tried so far
+    on_head: Callable[[ResponseHead], Awaitable[None]]  # before the head is sent (filters may edit it)
+    uncached: Callable[[Endpoint], int]  # predicted uncached prompt tokens there
+
+
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, chain: FilterChain, debug_headers: bool = False) -> None:
+    def __init__(self, session: aiohttp.ClientSession, debug_headers: bool = False) -> None:
         self.session = session
-        self.chain = chain
         self.debug_headers = debug_headers
 
-    def choose(self, cluster: Cluster, policy: Policy, ctx: RequestContext, tried: set[str]) -> Endpoint | None:
-        """The endpoint for the next attempt, or None when no eligible endpoint is left."""
-        candidates = [e for e in cluster.endpoints if e.id not in tried and e.eligible()]
-        if not candidates:
-            return None
-        if tried:
-            ctx.decision = f"failover:{policy.name}"
-            return policy.pick(candidates, ctx)
-        preferred = ctx.preferred_endpoint or ctx.hints.preferred_endpoint
-        if preferred and policy.name != "cache_aware":
-            chosen = next((e for e in candidates if e.id == preferred), None)
-            if chosen is not None:
-                ctx.decision = "preferred"
-                return chosen
-        ctx.decision = f"lb:{policy.name}"
-        return policy.pick(candidates, ctx)  # cache_aware refines ctx.decision with its reason
-
-    async def forward(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
-                      policy: Policy) -> web.StreamResponse:
+    async def forward(self, request: web.Request, ctx: RequestContext,
+                      plan: ForwardPlan) -> web.StreamResponse | LocalReply:
+        """The relayed response, or a local error reply when no attempt got through."""
+        cluster = plan.cluster
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         attempts = cluster.config.retry.max_attempts
         stale: Endpoint | None = None
         while ctx.attempts < attempts:
-            endpoint = self.choose(cluster, policy, ctx, tried)
+            endpoint = plan.choose(tried)
             if endpoint is None and stale is not None and stale.eligible():
                 endpoint, stale = stale, None  # no other endpoint left: retry it on a fresh connection
             if endpoint is None or not endpoint.breaker.allow():
@@ -169,21 +164,20 @@ class Proxy:
             ctx.attempts += 1
             ctx.endpoint = endpoint.id
             try:
-                return await self._attempt(request, ctx, cluster, endpoint, final=ctx.attempts >= attempts)
+                return await self._attempt(request, ctx, plan, endpoint, final=ctx.attempts >= attempts)
             except UpstreamFailure as failure:
                 last = failure
                 if failure.stale and ctx.attempts == 1:
                     stale = endpoint
         if last is None:
             last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
-        ctx.error = last.message
-        return error_response(last.status, last.message, code=last.code, headers={"x-request-id": ctx.request_id})
+        return error_reply(last.status, last.message, code=last.code)
 
-    async def _attempt(self, request: web.Request, ctx: RequestContext, cluster: Cluster,
+    async def _attempt(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan,
                        endpoint: Endpoint, final: bool) -> web.StreamResponse:
-        timeouts = cluster.config.timeouts
+        timeouts = plan.cluster.config.timeouts
         timeout = client_timeout(timeouts.connect, timeouts.first_byte)
-        backlog = PrefillBacklog(endpoint, self._predicted_uncached(ctx, endpoint))
+        backlog = PrefillBacklog(endpoint, plan.uncached(endpoint))
         endpoint.inflight += 1
         endpoint.stats.requests += 1
         try:
@@ -207,7 +201,7 @@ class Proxy:
                                           "upstream_error")
                 if upstream.status in BREAKER_STATUSES:
                     self._fail(endpoint, counts=True)
-                return await self._relay(request, ctx, endpoint, upstream, backlog)
+                return await self._relay(request, ctx, plan, endpoint, upstream, backlog)
         except UpstreamFailure:
             raise
         except BaseException:  # client gone (cancelled, reset before the head): no verdict on the endpoint
@@ -218,12 +212,6 @@ class Proxy:
             backlog.release()
 
     @staticmethod
-    def _predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
-        if ctx.token_ids is None:
-            return 0
-        return max(0, len(ctx.token_ids) - ctx.hints.matched_tokens.get(endpoint.id, 0))
-
-    @staticmethod
     def _fail(endpoint: Endpoint, counts: bool) -> None:
         endpoint.stats.failures += 1
         if counts:
@@ -231,14 +219,14 @@ class Proxy:
         else:
             endpoint.breaker.release()
 
-    async def _relay(self, request: web.Request, ctx: RequestContext, endpoint: Endpoint,
+    async def _relay(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
                      upstream: aiohttp.ClientResponse, backlog: PrefillBacklog) -> web.StreamResponse:
         headers = response_headers(upstream)
         headers["x-request-id"] = ctx.request_id
         if self.debug_headers:
             headers["x-kvgate-endpoint"] = endpoint.id
         head = ResponseHead(upstream.status, headers)
-        await self.chain.on_response(ctx, head)
+        await plan.on_head(head)
         # A stream whose first bytes have not arrived yet (e.g. a long prefill) gets its head now.
         coalesce = upstream.content_length is not None or upstream.content.total_bytes > 0
         response_class = _CoalescedHeadResponse if coalesce else web.StreamResponse
@@ -262,7 +250,6 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             endpoint.breaker.release()
             ctx.error = f"client disconnected: {type(exc).__name__}"
-            ctx.decision = (ctx.decision or "") + " (client gone)"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             # The head is already sent: no retry is possible; cut the response short.
             ctx.error = f"upstream {endpoint.id} broke mid-response: {type(exc).__name__}"

@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from filters.registry import FilterPlan, plan_filters
+from filters.registry import FilterPlan
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
-from gateway.decode import ConfigError
+from gateway.plan import GatewayPlan, plan_gateway
 from gateway.state import STATE_KEY
+from kvkernel.decode import ConfigError
 
 log = logging.getLogger("kvgate.serve")
 
@@ -31,10 +32,10 @@ log = logging.getLogger("kvgate.serve")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def load_and_plan(path: str) -> tuple[GatewayConfig, list[FilterPlan]]:
+def load_and_plan(path: str) -> tuple[GatewayConfig, GatewayPlan]:
     """Load, validate and plan a config file; ConfigError names the YAML path."""
     config = load_config(path)
-    return config, plan_filters(config.filters)
+    return config, plan_gateway(config)
 
 
 def check_config_main(argv: Sequence[str]) -> int:
@@ -48,11 +49,11 @@ def check_config_main(argv: Sequence[str]) -> int:
         return 1
     endpoints = sum(len(c.endpoints) for c in config.clusters)
     print(f"{args.file}: OK ({len(config.clusters)} clusters, {endpoints} endpoints, "
-          f"{len(config.routes)} routes, filters: {', '.join(p.name for p in plans) or 'none'})")
+          f"{len(config.routes)} routes, filters: {', '.join(p.name for p in plans.filters) or 'none'})")
     return 0
 
 
-async def run_gateway(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool = False,
+async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan], reuse_port: bool = False,
                       stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and shut down."""
     app = create_app(config, plans)
@@ -99,7 +100,7 @@ def tune_gc() -> None:
     gc.set_threshold(7000, older, oldest)
 
 
-def _run(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool) -> None:
+def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool) -> None:
     tune_gc()
     try:
         import uvloop
@@ -111,7 +112,7 @@ def _run(config: GatewayConfig, plans: Sequence[FilterPlan], reuse_port: bool) -
         runner.run(run_gateway(config, plans, reuse_port))
 
 
-def _serve_workers(config: GatewayConfig, plans: Sequence[FilterPlan]) -> int:
+def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
     """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all."""
     children = []
     for _ in range(config.server.workers):

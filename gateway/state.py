@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
 from aiohttp import web
 
-from filters.runner import FilterChain
 from gateway.background import BackgroundQueue
-from gateway.balancer import Policy
 from gateway.config import GatewayConfig
 from gateway.endpoints import Cluster, ClusterRegistry
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Proxy
+from gateway.pickers.base import Picker
 
 
 @dataclass
 class GatewayState:
     config: GatewayConfig
     clusters: ClusterRegistry
-    policies: dict[str, Policy]
+    pickers: dict[str, Picker]  # cluster name -> its picker
     metrics: GatewayMetrics
     routes: list[tuple[str, str]]  # (path prefix, cluster name), longest prefix first
-    chain: FilterChain = field(default_factory=lambda: FilterChain([]))
     background: BackgroundQueue | None = None
     http: httpx.AsyncClient | None = None
     session: aiohttp.ClientSession | None = None
-    proxy: Proxy | None = None
     inflight: int = 0
     draining: bool = False
 

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from kvbench.report import write_section
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.tiny_model import write_model
 from mlxd.tiny_tokenizer import corpus_text
 from testbed.procs import HOST, free_port, start_kvgate

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.engine_types import EngineClosed, EngineConfig, Event, GenRequest, QueueFull, Usage
 from mlxd.metrics import DaemonMetrics
 from mlxd.prefix_cache import PrefixCache

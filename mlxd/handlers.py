@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mlxd.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
+from kvtok.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
 from mlxd.engine import Engine
 from mlxd.engine_types import EngineClosed, Event, GenRequest, QueueFull
 from mlxd.metrics import DaemonMetrics

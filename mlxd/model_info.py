@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 
 DEFAULT_MAX_MODEL_LEN = 4096
 

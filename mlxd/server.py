@@ -20,8 +20,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd import handlers
-from mlxd.chat_tokens import ChatTokenizer
 from mlxd.engine import Engine
 from mlxd.engine_types import EngineConfig
 from mlxd.handlers import DAEMON, Daemon

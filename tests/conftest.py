@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,11 @@ async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny model directory (tokenizer.json + chat template + MLX weights)."""
+    from mlxd.tiny_model import write_model
+
+    return write_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)

@@ -12,7 +12,7 @@ Two implementations of one small interface:
   `kvgate make-tiny-model`, so ids match the MLX daemons'.
 
 Chat prompts are rendered with the chat template (ChatML unless the model dir has
-its own) in the transformers-compatible sandbox of `mlxd.chat_tokens` (which
+its own) in the transformers-compatible sandbox of `kvtok.chat_tokens` (which
 imports no MLX) and then encoded without adding special tokens, as vLLM does.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import jinja2
 
-from mlxd.chat_tokens import ChatTokenizer, PromptError, compile_template
+from kvtok.chat_tokens import ChatTokenizer, PromptError, compile_template
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -112,7 +112,7 @@ class HashTokenizer:
 
 
 class FileTokenizer:
-    """A model directory's tokenizer, through `mlxd.chat_tokens` so ids equal the MLX daemon's."""
+    """A model directory's tokenizer, through `kvtok.chat_tokens` so ids equal the MLX daemon's."""
 
     def __init__(self, model_dir: Path) -> None:
         if not (model_dir / "tokenizer.json").is_file():

@@ -14,7 +14,7 @@ from filters.cache_strategy import (
     PrefixStat,
     decide,
 )
-from gateway.decode import ConfigError, decode_dataclass
+from kvkernel.decode import ConfigError, decode_dataclass
 
 NOW = 10_000.0
 CFG = CacheStrategyConfig(enable_pinning=True, enable_compression=True, enable_eviction=True,

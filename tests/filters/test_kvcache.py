@@ -13,13 +13,14 @@ import respx
 from prometheus_client import CollectorRegistry
 
 from filters.base import ResponseHead, Services
+from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
 from filters.kvcache import KVCacheFilter
 from filters.registry import build_filters, plan_filters
 from gateway.background import BackgroundQueue
 from gateway.config import ClusterConfig, EndpointConfig, FilterSpec
-from gateway.context import RequestContext
-from gateway.decode import ConfigError
 from gateway.endpoints import ClusterRegistry, build_cluster
+from kvkernel.context import RequestContext
+from kvkernel.decode import ConfigError
 from tests.conftest import wait_until
 
 CTL = "http://127.0.0.1:9999"
@@ -78,7 +79,9 @@ async def make_rig() -> AsyncIterator[Any]:
 
 def ctx_for(tokens: list[int] | None = PROMPT, cluster: str = "llm") -> RequestContext:
     ctx = RequestContext("r", "POST", "/v1/completions")
-    ctx.cluster, ctx.token_ids = cluster, tokens
+    ctx.cluster = cluster
+    if tokens is not None:
+        ctx[TOKENS] = Tokens(tokens, "request")
     return ctx
 
 
@@ -103,7 +106,7 @@ async def test_lookup_hit_maps_instances_to_cluster_endpoints(make_rig: Any) -> 
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
     assert route.calls.last.request.content == httpx.Request("POST", CTL, json={"tokens": PROMPT}).content
-    hints = ctx.hints
+    hints = ctx[CACHE_HINTS]
     assert (hints.tier, hints.reason, hints.preferred_endpoint) == ("lmcache", "lmcache", "b")
     assert hints.matched_tokens == {"a": 512, "b": 1024}  # z is another cluster's, unknown maps to nothing
     assert hints.lookup_ms is not None and hints.lookup_ms > 0
@@ -118,7 +121,7 @@ async def test_identity_mode_ignores_lmcache_instance_id(make_rig: Any) -> None:
     rig.router.post("/lookup").mock(return_value=layout(a=("LocalCPUBackend", 256), **{"inst-a": ("x", 768)}))
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.matched_tokens == {"a": 256}
+    assert ctx[CACHE_HINTS].matched_tokens == {"a": 256}
 
 
 async def test_miss_falls_back_to_what_the_gateway_learned(make_rig: Any) -> None:
@@ -126,13 +129,13 @@ async def test_miss_falls_back_to_what_the_gateway_learned(make_rig: Any) -> Non
     rig.router.post("/lookup").mock(return_value=layout())
     first = ctx_for()
     await rig.filter.on_request(first)
-    assert (first.hints.tier, first.hints.reason) == ("none", "lmcache_miss")
+    assert (first[CACHE_HINTS].tier, first[CACHE_HINTS].reason) == ("none", "lmcache_miss")
     await complete(rig.filter, "c")
     await complete(rig.filter, "a", PROMPT[:600], status=500)  # failures teach nothing
     ctx = ctx_for(PROMPT + [1, 2, 3])
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason) == ("local-index", "lmcache_miss")
-    assert ctx.hints.matched_tokens == {"c": 1024} and ctx.hints.preferred_endpoint == "c"
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason) == ("local-index", "lmcache_miss")
+    assert ctx[CACHE_HINTS].matched_tokens == {"c": 1024} and ctx[CACHE_HINTS].preferred_endpoint == "c"
 
 
 async def test_in_flight_prefix_is_known_from_the_response_head(make_rig: Any) -> None:
@@ -143,13 +146,12 @@ async def test_in_flight_prefix_is_known_from_the_response_head(make_rig: Any) -
     await rig.filter.on_response(first, ResponseHead(200, {}))
     second = ctx_for()  # arrives while the first is still generating
     await rig.filter.on_request(second)
-    assert (second.hints.tier, second.hints.preferred_endpoint) == ("local-index", "b")
+    assert (second[CACHE_HINTS].tier, second[CACHE_HINTS].preferred_endpoint) == ("local-index", "b")
     first.status = 200  # ...but the first never produced a byte (upstream broke)
     await rig.filter.on_complete(first)
     third = ctx_for()
     await rig.filter.on_request(third)
-    assert third.hints.tier == "none"
-    assert id(first) not in rig.filter._keys  # nothing kept per request once it completed
+    assert third[CACHE_HINTS].tier == "none"
 
 
 async def test_controller_errors_degrade_to_local_index(make_rig: Any) -> None:
@@ -158,13 +160,13 @@ async def test_controller_errors_degrade_to_local_index(make_rig: Any) -> None:
     await complete(rig.filter, "b")
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason, ctx.hints.matched_tokens) == ("local-index", "lmcache_unavailable",
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason, ctx[CACHE_HINTS].matched_tokens) == ("local-index", "lmcache_unavailable",
                                                                             {"b": 1024})
     assert route.call_count == 2  # lookup_retry is off by default: one attempt per request
     route.mock(return_value=httpx.Response(200, json={"no": "layout"}))
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.reason == "lmcache_error" and ctx.hints.tier == "local-index"
+    assert ctx[CACHE_HINTS].reason == "lmcache_error" and ctx[CACHE_HINTS].tier == "local-index"
 
 
 async def test_slow_controller_costs_at_most_the_lookup_budget(make_rig: Any) -> None:
@@ -177,8 +179,8 @@ async def test_slow_controller_costs_at_most_the_lookup_budget(make_rig: Any) ->
     rig.router.post("/lookup").mock(side_effect=slow)
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason) == ("none", "lmcache_timeout")
-    assert ctx.hints.lookup_ms is not None and 25 <= ctx.hints.lookup_ms < 500
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason) == ("none", "lmcache_timeout")
+    assert ctx[CACHE_HINTS].lookup_ms is not None and 25 <= ctx[CACHE_HINTS].lookup_ms < 500
     assert rig.metric("kvgate_kvcache_lookup_seconds_count", {"outcome": "timeout"}) == 1
 
 
@@ -192,14 +194,14 @@ async def test_breaker_opens_then_lookups_cost_nothing_then_recovers(make_rig: A
     assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 2
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.reason == "lmcache_breaker_open" and route.call_count == 2
+    assert ctx[CACHE_HINTS].reason == "lmcache_breaker_open" and route.call_count == 2
     route.mock(side_effect=None, return_value=layout(b=("LocalCPUBackend", 512)))
     ctx = ctx_for()
 
     async def recovered() -> bool:
-        ctx.hints.tier = "none"
+        ctx[CACHE_HINTS] = CacheHints()
         await rig.filter.on_request(ctx)
-        return ctx.hints.tier == "lmcache"
+        return ctx[CACHE_HINTS].tier == "lmcache"
 
     await wait_until(recovered, timeout=5, message="breaker recovery")
     assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 0
@@ -212,18 +214,18 @@ async def test_no_tokens_no_lookup(make_rig: Any, tokens: list[int] | None, clus
     ctx = ctx_for(tokens)
     ctx.cluster = cluster
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason, route.call_count) == ("none", "no_tokens", 0)
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason, route.call_count) == ("none", "no_tokens", 0)
 
 
 async def test_without_controller_the_local_index_decides(make_rig: Any) -> None:
     rig = await make_rig({"local_index": {"max_chunks": 1000, "ttl": "1m"}})
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason) == ("none", "no_controller")
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason) == ("none", "no_controller")
     await complete(rig.filter, "a", PROMPT[:700])
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.matched_tokens, ctx.hints.lookup_ms) == ("local-index", {"a": 512}, None)
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens, ctx[CACHE_HINTS].lookup_ms) == ("local-index", {"a": 512}, None)
 
 
 async def test_query_instance_mapping_resolves_in_background(make_rig: Any) -> None:
@@ -241,7 +243,7 @@ async def test_query_instance_mapping_resolves_in_background(make_rig: Any) -> N
     async def mapped() -> bool:
         ctx = ctx_for()
         await rig.filter.on_request(ctx)
-        return ctx.hints.matched_tokens == {"c": 768}
+        return ctx[CACHE_HINTS].matched_tokens == {"c": 768}
 
     await wait_until(mapped, message="vllm-c mapped to c")
     assert query.call_count == 1  # cached
@@ -278,7 +280,7 @@ def test_config_errors_name_the_path(config: dict[str, Any], error: str) -> None
 
 async def test_rejected_background_actions_do_not_open_the_lookup_breaker(make_rig: Any) -> None:
     from filters.lmcache_client import LMCacheError
-    from gateway.breaker import CircuitOpenError
+    from kvkernel.breaker import CircuitOpenError
 
     rig = await make_rig({"lmcache_endpoint": CTL, "retry": {"max_attempts": 1},
                           "circuit_breaker": {"failure_threshold": 2, "recovery_timeout": "10s",
@@ -296,4 +298,4 @@ async def test_rejected_background_actions_do_not_open_the_lookup_breaker(make_r
     assert rig.metric("kvgate_lmcache_breaker_state", {"calls": "lookup"}) == 0
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.tier == "lmcache" and ctx.hints.matched_tokens == {"b": 512}
+    assert ctx[CACHE_HINTS].tier == "lmcache" and ctx[CACHE_HINTS].matched_tokens == {"b": 512}

@@ -16,7 +16,7 @@ from filters.lmcache_client import (
     LMCacheUnavailable,
     RetrySettings,
 )
-from gateway.breaker import BreakerState, CircuitBreaker, CircuitOpenError
+from kvkernel.breaker import BreakerState, CircuitBreaker, CircuitOpenError
 
 BASE = "http://lmcache.test:9000"
 OK = {"event_id": "e", "layout_info": {"a": ["LocalCPUBackend", 256]}}

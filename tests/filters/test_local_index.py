@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from filters.local_index import LocalIndexConfig, LocalPrefixIndex, prompt_chunk_keys
-from gateway.decode import ConfigError, decode_dataclass
+from kvkernel.decode import ConfigError, decode_dataclass
 from kvproto.chunks import chunk_keys
 
 

@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from filters.base import ResponseHead, Services
 from filters.cache_manager import PrefixTracker
 from filters.cache_strategy import CacheStrategyConfig, InstanceLoad
+from filters.keys import CACHE_HINTS, TOKENS
+from filters.keys import PROMPT as PROMPT_KEY
 from filters.kvcache import KVCacheFilter
 from filters.local_index import prompt_chunk_keys
 from filters.prompt import extract_prompt
@@ -25,11 +27,11 @@ from filters.registry import build_filters, plan_filters
 from filters.tokenization import LocalTokenizer, TokenCache, engine_options, tokenize_body
 from filters.tokenizer import TokenizerFilter
 from gateway.config import ClusterConfig, EndpointConfig, FilterSpec
-from gateway.context import RequestContext
-from gateway.decode import ConfigError
 from gateway.endpoints import BackendLoad, ClusterRegistry, build_cluster
-from mlxd.chat_tokens import ChatTokenizer, chat_ids, completion_ids
-from mlxd.chat_tokens import PromptError as ChatPromptError
+from kvkernel.context import RequestContext
+from kvkernel.decode import ConfigError
+from kvtok.chat_tokens import ChatTokenizer, chat_ids, completion_ids
+from kvtok.chat_tokens import PromptError as ChatPromptError
 from tests.conftest import wait_until
 from tests.filters.test_cache_strategy_executor import CFG, Clock, serve
 from tests.filters.test_cache_strategy_executor import make as make_manager
@@ -50,8 +52,7 @@ async def test_failed_request_keeps_the_shared_prefix_its_endpoint_already_held(
     await rig.filter.on_complete(failed)
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.matched_tokens) == ("local-index", {"a": 512})
-    assert not rig.filter._tentative
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens) == ("local-index", {"a": 512})
 
 
 class _DroppingQueue:
@@ -85,14 +86,14 @@ async def test_query_instance_dropped_by_a_full_queue_is_asked_again() -> None:
             async def mapped() -> bool:
                 ctx = ctx_for()
                 await kv.on_request(ctx)
-                return ctx.hints.matched_tokens == {"c": 768}
+                return ctx[CACHE_HINTS].matched_tokens == {"c": 768}
 
             await wait_until(mapped, timeout=3, message="c's host asked again after the drop")
             assert query.call_count == 1
             await kv.close()
 
 
-# ---- token ids must equal the engine's (mlxd.chat_tokens is what the daemon prefills) ----
+# ---- token ids must equal the engine's (kvtok.chat_tokens is what the daemon prefills) ----
 
 BOS_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -124,9 +125,9 @@ async def _run_tokenizer(flt: TokenizerFilter, path: str, body: dict[str, Any]) 
         ctx = RequestContext("r", "POST", path, json=body)
         found = extract_prompt(path, body)
         assert found is not None
-        ctx.prompt = found[0]
+        ctx[PROMPT_KEY] = found[0]
         await flt.on_request(ctx)
-        return ctx.token_ids
+        return ctx[TOKENS].ids
     finally:
         await flt.close()
 
@@ -182,8 +183,8 @@ async def test_hints_never_prefer_an_ejected_endpoint(make_rig: Any) -> None:
     _endpoint(rig, "a").set_healthy(False)
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.matched_tokens == {"a": 1024, "b": 512}
-    assert ctx.hints.preferred_endpoint == "b"  # the proxy honours it for non-cache_aware policies
+    assert ctx[CACHE_HINTS].matched_tokens == {"a": 1024, "b": 512}
+    assert ctx[CACHE_HINTS].preferred_endpoint == "b"  # the proxy honours it for non-cache_aware policies
 
 
 async def test_an_ejected_endpoint_comes_back_without_its_stale_prefixes(make_rig: Any) -> None:
@@ -194,11 +195,11 @@ async def test_an_ejected_endpoint_comes_back_without_its_stale_prefixes(make_ri
     a.set_healthy(False)  # crashed: its KV cache is gone
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.preferred_endpoint, ctx.hints.matched_tokens) == ("b", {"b": 512})
+    assert (ctx[CACHE_HINTS].preferred_endpoint, ctx[CACHE_HINTS].matched_tokens) == ("b", {"b": 512})
     a.set_healthy(True)  # restarted, empty
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert ctx.hints.matched_tokens == {"b": 512}
+    assert ctx[CACHE_HINTS].matched_tokens == {"b": 512}
 
 
 # ---- config validation: every error names its YAML path ----
@@ -312,7 +313,7 @@ async def test_a_prompt_without_a_full_chunk_costs_no_lookup(make_rig: Any) -> N
     route = rig.router.post("/lookup").mock(return_value=layout())
     ctx = ctx_for(PROMPT[:255])
     await rig.filter.on_request(ctx)
-    assert (ctx.hints.tier, ctx.hints.reason, route.call_count) == ("none", "short_prompt", 0)
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason, route.call_count) == ("none", "short_prompt", 0)
     await rig.filter.on_request(ctx_for(PROMPT[:256]))
     assert route.call_count == 1
 
@@ -345,13 +346,13 @@ async def test_an_in_flight_longer_prefix_beats_a_shorter_controller_match(make_
     rig.router.post("/lookup").mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", 256)}))
     first = ctx_for()
     await rig.filter.on_request(first)
-    assert (first.hints.tier, first.hints.preferred_endpoint) == ("lmcache", "a")
+    assert (first[CACHE_HINTS].tier, first[CACHE_HINTS].preferred_endpoint) == ("lmcache", "a")
     first.endpoint = "b"
     await rig.filter.on_response(first, ResponseHead(200, {}))
     second = ctx_for()
     await rig.filter.on_request(second)
-    assert second.hints.matched_tokens == {"a": 256, "b": 1024}
-    assert (second.hints.tier, second.hints.reason, second.hints.preferred_endpoint) == (
+    assert second[CACHE_HINTS].matched_tokens == {"a": 256, "b": 1024}
+    assert (second[CACHE_HINTS].tier, second[CACHE_HINTS].reason, second[CACHE_HINTS].preferred_endpoint) == (
         "local-index", "lmcache_shorter", "b")
 
 
@@ -377,7 +378,7 @@ async def test_query_instance_asks_by_ip_for_an_endpoint_named_by_hostname() -> 
             async def mapped() -> bool:
                 ctx = ctx_for()
                 await kv.on_request(ctx)
-                return ctx.hints.matched_tokens == {"a": 512}
+                return ctx[CACHE_HINTS].matched_tokens == {"a": 512}
 
             await wait_until(mapped, timeout=3, message="localhost resolved to 127.0.0.1's instance")
             await kv.close()
@@ -419,10 +420,10 @@ async def test_same_endpoint_id_in_two_clusters_does_not_share_local_index_entri
         await kv.on_complete(served)
         ctx = ctx_for(PROMPT, cluster="chat")
         await kv.on_request(ctx)
-        assert (ctx.hints.tier, ctx.hints.matched_tokens) == ("none", {})
+        assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens) == ("none", {})
         again = ctx_for(PROMPT, cluster="batch")
         await kv.on_request(again)
-        assert again.hints.matched_tokens == {"gpu-0": 1024}
+        assert again[CACHE_HINTS].matched_tokens == {"gpu-0": 1024}
         await kv.close()
 
 

@@ -7,8 +7,8 @@ import httpx
 from filters.base import CONTINUE, Filter, FilterResult, ResponseHead, Services, stop
 from filters.runner import FilterChain
 from gateway.background import BackgroundQueue
-from gateway.context import RequestContext
 from gateway.endpoints import ClusterRegistry
+from kvkernel.context import RequestContext
 
 
 class Recorder(Filter):
@@ -57,7 +57,7 @@ async def test_stop_skips_later_filters_with_a_local_reply() -> None:
     ctx = _ctx()
     reply = await chain.on_request(ctx)
     assert reply is not None and reply.status == 429 and reply.body["error"]["code"] == "rate_limited"
-    assert calls == ["req:a"] and ctx.decision == "stopped by a"
+    assert calls == ["req:a"] and ctx.decision is not None and ctx.decision.reason == "stopped by a"
 
 
 async def test_exception_becomes_500_naming_the_filter_and_complete_still_runs() -> None:

@@ -14,7 +14,7 @@ import pytest
 import respx
 from tokenizers import Tokenizer
 
-from filters.resilience import RetrySettings
+from filters.keys import Prompt
 from filters.tokenization import (
     LocalTokenizer,
     RemoteTokenizer,
@@ -23,8 +23,8 @@ from filters.tokenization import (
     cache_key,
     tokenize_body,
 )
-from gateway.breaker import BreakerState, CircuitBreaker
-from gateway.context import Prompt
+from kvkernel.breaker import BreakerState, CircuitBreaker
+from kvkernel.resilience import RetrySettings
 from mlxd.tiny_model import write_model
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."},

@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 from tokenizers import Tokenizer
 
 from filters.base import Action, Services
+from filters.keys import PROMPT, TOKENS
 from filters.prompt import extract_prompt
 from filters.registry import plan_filters
 from filters.tokenizer import TokenizerConfig, TokenizerFilter
 from gateway.config import FilterSpec
-from gateway.context import RequestContext
-from gateway.decode import ConfigError, decode_dataclass
+from kvkernel.context import RequestContext
+from kvkernel.decode import ConfigError, decode_dataclass
 from mlxd.tiny_model import write_model
 from testbed.fake_openai import FakeBackend
 from testbed.procs import free_port
@@ -80,7 +81,7 @@ def _ctx(path: str, body: dict[str, Any]) -> RequestContext:
     ctx = RequestContext("r1", "POST", path, json=body)
     found = extract_prompt(path, body)
     assert found is not None
-    ctx.prompt = found[0]
+    ctx[PROMPT] = found[0]
     return ctx
 
 
@@ -116,17 +117,17 @@ async def test_local_then_cache_then_request_ids(model_dir: Path, http: httpx.As
     raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     first = _ctx("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES})
     assert (await flt.on_request(first)).action is Action.CONTINUE
-    assert first.token_source == "local" and first.token_ids
-    assert raw.decode(first.token_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert first[TOKENS].source == "local" and first[TOKENS].ids
+    assert raw.decode(first[TOKENS].ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     again = _ctx("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES})
     await flt.on_request(again)
-    assert again.token_source == "cache" and again.token_ids == first.token_ids
+    assert again[TOKENS].source == "cache" and again[TOKENS].ids == first[TOKENS].ids
     other_model = _ctx("/v1/chat/completions", {"model": "other", "messages": MESSAGES})
     await flt.on_request(other_model)
-    assert other_model.token_source == "local"
+    assert other_model[TOKENS].source == "local"
     given = _ctx("/v1/completions", {"model": "tiny", "prompt": [5, 6, 7]})
     await flt.on_request(given)
-    assert given.token_ids == [5, 6, 7] and given.token_source == "request"
+    assert given[TOKENS].ids == [5, 6, 7] and given[TOKENS].source == "request"
     count = registry.get_sample_value
     assert count("kvgate_tokenizer_results_total", {"filter": "tokenizer", "source": "local"}) == 2
     assert count("kvgate_tokenizer_results_total", {"filter": "tokenizer", "source": "cache"}) == 1
@@ -138,7 +139,7 @@ async def test_no_prompt_leaves_context_alone(model_dir: Path, http: httpx.Async
     flt = await _started({"backend": "local", "model_dir": str(model_dir)}, http)
     ctx = RequestContext("r", "GET", "/v1/models")
     assert (await flt.on_request(ctx)).action is Action.CONTINUE
-    assert ctx.token_ids is None and ctx.token_source is None
+    assert ctx.get(TOKENS) is None and ctx.get(TOKENS) is None
     await flt.close()
 
 
@@ -153,7 +154,7 @@ async def test_remote_failures_continue_and_are_counted(http: httpx.AsyncClient)
         for _ in range(4):
             ctx = _ctx("/v1/completions", {"model": "m", "prompt": "hello"})
             assert (await flt.on_request(ctx)).action is Action.CONTINUE
-            assert ctx.token_ids is None and ctx.token_source is None
+            assert ctx.get(TOKENS) is None and ctx.get(TOKENS) is None
             reasons.append(ctx.log_fields["tokenizer_error"])
         assert reasons == ["unavailable", "unavailable", "circuit_open", "circuit_open"]
         assert route.call_count == 2
@@ -171,8 +172,8 @@ async def test_remote_success_is_cached(http: httpx.AsyncClient) -> None:
         for _ in range(3):
             ctx = _ctx("/v1/chat/completions", {"model": "m", "messages": MESSAGES})
             await flt.on_request(ctx)
-            assert ctx.token_ids == [11, 12]
-            sources.append(ctx.token_source)
+            assert ctx[TOKENS].ids == [11, 12]
+            sources.append(ctx[TOKENS].source)
     assert sources == ["remote", "cache", "cache"]
     assert route.call_count == 1
 

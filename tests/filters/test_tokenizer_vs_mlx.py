@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from filters.keys import Prompt
 from filters.prompt import extract_prompt
 from filters.tokenization import LocalTokenizer, RemoteTokenizer
-from gateway.context import Prompt
 from mlxd.tiny_model import write_model
 from testbed.procs import free_port, start_kvgate
 

@@ -439,10 +439,12 @@ async def test_client_leaving_during_half_open_trial_does_not_strand_the_endpoin
         await wait_until(endpoint.eligible, timeout=3, message="endpoint eligible again")
 
 
-async def test_non_finite_backend_gauges_do_not_break_routing(tmp_path: Path) -> None:
+async def test_non_finite_backend_gauges_do_not_break_routing(tmp_path: Path, tiny_model_dir: Path) -> None:
     load = parse_backend_load('vllm:num_requests_waiting{m="x"} NaN\nvllm:kv_cache_usage_perc{m="x"} +Inf\n')
+    chain = (f"  - {{type: tokenizer, config: {{backend: local, model_dir: \"{tiny_model_dir}\"}}}}\n"
+             "  - type: kvcache\n")
     async with echo_servers("a", "b") as be, gateway({"a": be["a"][1].port, "b": be["b"][1].port}, tmp_path,
-                                                      lb_policy="cache_aware") as (url, state):
+                                                      lb_policy="cache_aware", extra_filters=chain) as (url, state):
         for endpoint in state.clusters["llm"].endpoints:
             endpoint.load = load  # what the monitor stores after scraping that text
         assert [(await post(url, COMPLETION))[0] for _ in range(2)] == [200, 200]

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.balancer import make_policy
-from gateway.cache_aware import CacheAwarePolicy
-from gateway.config import CacheAwareConfig, ClusterConfig, EndpointConfig
-from gateway.context import RequestContext
+from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
+from gateway.config import ClusterConfig, EndpointConfig
 from gateway.endpoints import BackendLoad, Endpoint, build_cluster
+from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from gateway.plan import plan_cluster_picker
+from kvkernel.context import RequestContext
 
 CFG = CacheAwareConfig(cache_weight=1.0, load_weight=1.0, balance_abs_threshold=16, balance_rel_threshold=1.5,
                        max_waiting=8, max_kv_usage=0.9, prefill_tokens_per_request=256)
@@ -39,12 +40,13 @@ def build(case: Case) -> tuple[list[Endpoint], RequestContext]:
     cluster = build_cluster(ClusterConfig("llm", [EndpointConfig(e, f"http://127.0.0.1:{9000 + i}")
                                                    for i, e in enumerate(case.endpoints)]))
     ctx = RequestContext("r1", "POST", "/v1/completions")
-    ctx.token_ids = list(range(case.prompt_tokens))
+    ctx[TOKENS] = Tokens(list(range(case.prompt_tokens)), "request")
+    hints = ctx[CACHE_HINTS] = CacheHints()
     for ep, spec in zip(cluster.endpoints, case.endpoints.values(), strict=True):
         ep.inflight, ep.prefill_backlog = spec.inflight, spec.backlog
         ep.load = BackendLoad(num_requests_waiting=spec.waiting, kv_cache_usage=spec.kv)
         if spec.matched:
-            ctx.hints.matched_tokens[ep.id] = spec.matched
+            hints.matched_tokens[ep.id] = spec.matched
     return cluster.endpoints, ctx
 
 
@@ -93,8 +95,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pick(case: Case) -> None:
     endpoints, ctx = build(case)
-    chosen = CacheAwarePolicy(case.config).pick(endpoints, ctx)
-    assert (chosen.id, ctx.decision) == (case.expected, case.decision)
+    choice = CacheAwarePolicy(case.config).pick(endpoints, ctx)
+    assert (choice.endpoint.id, choice.kind.value) == (case.expected, case.decision)
     assert set(ctx.scores) <= set(case.endpoints)
 
 
@@ -113,12 +115,13 @@ def test_saturated_endpoints_are_logged_and_not_scored() -> None:
 def test_ties_rotate() -> None:
     endpoints, _ = build(Case("", {"a": EP(), "b": EP(), "c": EP()}, "", ""))
     policy = CacheAwarePolicy(CFG)
-    picks = {policy.pick(endpoints, RequestContext(f"r{i}", "POST", "/v1/completions")).id for i in range(3)}
+    picks = {policy.pick(endpoints, RequestContext(f"r{i}", "POST", "/v1/completions")).endpoint.id
+             for i in range(3)}
     assert picks == {"a", "b", "c"}
 
 
-def test_make_policy_builds_cache_aware() -> None:
+def test_short_form_builds_cache_aware_with_its_legacy_block() -> None:
     config = ClusterConfig("llm", [EndpointConfig("a", "http://127.0.0.1:9000")], lb_policy="cache_aware",
-                           cache_aware=CFG)
-    policy = make_policy(config)
-    assert isinstance(policy, CacheAwarePolicy) and policy.config is CFG
+                           cache_aware={"cache_weight": 2.0})
+    picker = plan_cluster_picker(config, 0).build()
+    assert isinstance(picker, CacheAwarePolicy) and picker.config.cache_weight == 2.0

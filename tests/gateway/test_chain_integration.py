@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 from filters.base import CONTINUE, Filter, FilterResult
+from filters.keys import PREFERRED_ENDPOINT
 from filters.registry import register
-from gateway.context import RequestContext
+from kvkernel.context import RequestContext
 from testbed.fake_openai import FakeBackend
 from tests.conftest import wait_until
 from tests.gateway.harness import Stack, gateway_yaml, start_backend, start_gateway
@@ -26,7 +27,7 @@ class PreferFromHeader(Filter):
         if user == "explode":
             raise ValueError("kaboom")
         if isinstance(user, str):
-            ctx.preferred_endpoint = user
+            ctx[PREFERRED_ENDPOINT] = user
         return CONTINUE
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config_text
-from gateway.decode import ConfigError, parse_duration, parse_size
 from gateway.serve import load_and_plan
+from kvkernel.decode import ConfigError, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = """

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from filters.prompt import PromptError, extract_prompt
-from filters.registry import plan_filters
 from gateway.config import load_config_text, parse_config
-from gateway.decode import ConfigError, parse_duration, parse_size
+from gateway.plan import plan_gateway
 from gateway.serve import check_config_main
+from kvkernel.decode import ConfigError, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 VALID: dict[str, Any] = {
@@ -45,8 +45,7 @@ VALID: dict[str, Any] = {
 
 def load(data: Any) -> None:
     """Decode like `kvgate check-config`: the YAML text, then the filter configs."""
-    config = load_config_text(yaml.safe_dump(data))
-    plan_filters(config.filters)
+    plan_gateway(load_config_text(yaml.safe_dump(data)))
 
 
 def with_value(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
@@ -88,7 +87,9 @@ def error_of(data: Any) -> ConfigError:
     (("clusters", 0, "circuit_breaker", "failure_threshold"), 0, "clusters[0].circuit_breaker.failure_threshold"),
     (("clusters", 0, "timeouts", "first_byte"), [1], "clusters[0].timeouts.first_byte"),
     (("clusters", 0, "timeouts", "connect"), "-1s", "clusters[0].timeouts.connect"),
-    (("clusters", 0, "cache_aware"), {"max_kv_usage": 2}, "clusters[0].cache_aware.max_kv_usage"),
+    (("clusters", 0, "cache_aware"), {"max_kv_usage": 2}, "clusters[0].cache_aware"),  # not its picker
+    (("clusters", 0, "lb_policy"), "fastest", "clusters[0].lb_policy"),
+    (("clusters", 0, "picker"), {"type": "round_robin"}, "clusters[0].picker"),  # beside lb_policy
     (("routes", 0, "match"), "/v1/", "routes[0].match"),
     (("routes", 0, "match", "prefix"), "v1", "routes[0].match.prefix"),
     (("routes", 0, "match"), {}, "routes[0].match.prefix"),
@@ -266,7 +267,7 @@ def test_any_mutation_fails_only_with_a_config_error_naming_a_real_node(data: st
         parent[where[-1]][data.draw(_KEY)] = data.draw(_VALUE)
     try:
         config = parse_config(doc)
-        plan_filters(config.filters)
+        plan_gateway(config)
     except ConfigError as err:
         assert err.path and _resolves(doc, err.path), (err.path, str(err))
 

@@ -10,12 +10,13 @@ import httpx
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from gateway.cache_aware import CacheAwarePolicy
-from gateway.config import CacheAwareConfig, ClusterConfig, EndpointConfig
-from gateway.context import RequestContext
-from gateway.decode import FieldError
+from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
+from gateway.config import ClusterConfig, EndpointConfig
 from gateway.endpoints import build_cluster
-from mlxd.chat_tokens import ChatTokenizer
+from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from kvkernel.context import RequestContext
+from kvkernel.decode import FieldError
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.tiny_model import write_model
 from testbed.fake_openai import FakeBackend
 from testbed.procs import free_port, start_kvgate
@@ -33,9 +34,9 @@ def test_infinite_or_nan_weights_never_crash_the_picker(weights: dict[str, float
     a, b = cluster.endpoints
     a.inflight = 1
     ctx = RequestContext("r", "POST", "/v1/completions")
-    ctx.token_ids = list(range(1024))
-    ctx.hints.matched_tokens = {"a": 768}
-    chosen = CacheAwarePolicy(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx)
+    ctx[TOKENS] = Tokens(list(range(1024)), "request")
+    ctx[CACHE_HINTS] = CacheHints(matched_tokens={"a": 768})
+    chosen = CacheAwarePolicy(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx).endpoint
     assert chosen in (a, b) and (expected is None or chosen.id == expected)
     assert not any(math.isnan(score) for score in ctx.scores.values())
 

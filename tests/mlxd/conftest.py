@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.tiny_model import write_model
 from testbed.procs import HOST, ManagedProcess, free_port, start_kvgate
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
 
 class Daemon:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
+from kvtok.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,6 @@ def test_template_raise_exception_is_a_prompt_error(ct: ChatTokenizer) -> None:
 
 
 def test_module_does_not_import_mlx() -> None:
-    code = "import sys, mlxd.chat_tokens; print(any(m.startswith(('mlx.', 'mlx_lm')) or m == 'mlx' for m in sys.modules))"
+    code = "import sys, kvtok.chat_tokens; print(any(m.startswith(('mlx.', 'mlx_lm')) or m == 'mlx' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

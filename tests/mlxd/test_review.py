@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.engine import Engine
 from mlxd.engine_types import EngineClosed, EngineConfig, Event, GenParams, GenRequest, QueueFull
 from mlxd.metrics import DaemonMetrics

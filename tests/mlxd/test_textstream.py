@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.textstream import TextStream
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.chat_tokens import ChatTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.tiny_model import PRESETS, main, write_model
 
 

@@ -292,7 +292,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_model_dir_tokenizer_matches_the_mlx_daemons_ids(
     aiohttp_client: MakeClient, tiny_model: Path
 ) -> None:
-    from mlxd.chat_tokens import ChatTokenizer
+    from kvtok.chat_tokens import ChatTokenizer
 
     client = await aiohttp_client(_app(load_tokenizer(tiny_model)))
     reference = ChatTokenizer.from_dir(tiny_model)

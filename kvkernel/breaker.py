@@ -9,6 +9,9 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvkernel.decode import FieldError, Seconds
 
 
 class BreakerState(enum.Enum):
@@ -96,3 +99,21 @@ class CircuitBreaker:
             self._state = state
             if self._on_change is not None:
                 self._on_change(self.name, state)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = 5
+    recovery_timeout: Seconds = 10.0
+    half_open_max_calls: int = 2
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise FieldError("failure_threshold", f"must be >= 1, got {self.failure_threshold}")
+        if self.half_open_max_calls < 1:
+            raise FieldError("half_open_max_calls", f"must be >= 1, got {self.half_open_max_calls}")
+
+    def build(self, name: str, clock: Callable[[], float] = time.monotonic,
+              on_change: Callable[[str, BreakerState], None] | None = None) -> CircuitBreaker:
+        return CircuitBreaker(name, self.failure_threshold, self.recovery_timeout, self.half_open_max_calls,
+                              clock=clock, on_change=on_change)

@@ -13,7 +13,7 @@ For the eligible candidates of one request:
    (predicted uncached prompt tokens of in-flight requests). Highest score wins.
 
 Writes `ctx.scores` (endpoint -> score, for the candidates that were scored) and
-`ctx.decision`: "cache_hit" (the best-matched endpoint won), "cache_hit_overridden_by_load"
+returns the decision kind: "cache_hit" (the best-matched endpoint won), "cache_hit_overridden_by_load"
 (an endpoint with a longer match lost to load or saturation), "balance" (the guard
 chose the endpoint with the fewest requests), or "no_hint_least_load" (no candidate
 has a match: the least load cost wins). Ties rotate.
@@ -23,10 +23,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from gateway.config import CacheAwareConfig
-from gateway.context import RequestContext
+from filters.keys import CACHE_HINTS, CacheHints, token_ids
 from gateway.endpoints import Endpoint
+from gateway.pickers.base import Choice, Picker
+from gateway.pickers.registry import register_picker
+from kvkernel.context import DecisionKind, RequestContext
+from kvkernel.decode import FieldError
+
+_NO_HINTS = CacheHints()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAwareConfig:
+    """Weights of the cache_aware picker (see docs/filters.md, "Picker")."""
+
+    cache_weight: float = 1.0
+    load_weight: float = 1.0
+    balance_abs_threshold: int = 16
+    balance_rel_threshold: float = 1.5
+    max_waiting: int = 16
+    max_kv_usage: float = 0.95
+    prefill_tokens_per_request: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("cache_weight", "load_weight"):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise FieldError(name, f"must be a number >= 0, got {value}")
+        for name in ("balance_abs_threshold", "max_waiting", "prefill_tokens_per_request"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.balance_rel_threshold >= 1:
+            raise FieldError("balance_rel_threshold", f"must be >= 1, got {self.balance_rel_threshold}")
+        if not 0 < self.max_kv_usage <= 1:
+            raise FieldError("max_kv_usage", f"must be in (0, 1], got {self.max_kv_usage}")
 
 
 def is_saturated(ep: Endpoint, config: CacheAwareConfig) -> bool:
@@ -46,20 +78,25 @@ def load_cost(ep: Endpoint, config: CacheAwareConfig) -> float:
 
 
 def saved_tokens(ep: Endpoint, ctx: RequestContext) -> int:
-    matched = ctx.hints.matched_tokens.get(ep.id, 0)
-    if ctx.token_ids is not None:
-        matched = min(matched, len(ctx.token_ids))
+    matched = (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0)
+    ids = token_ids(ctx)
+    if ids is not None:
+        matched = min(matched, len(ids))
     return max(0, matched)
 
 
-class CacheAwarePolicy:
-    name = "cache_aware"
+@register_picker("cache_aware")
+class CacheAwarePolicy(Picker):
+    Config = CacheAwareConfig
+    consumes = (CACHE_HINTS,)
+    weighs_hints = True
+    config: CacheAwareConfig
 
-    def __init__(self, config: CacheAwareConfig) -> None:
-        self.config = config
+    def __init__(self, config: CacheAwareConfig | None = None) -> None:
+        super().__init__(config or CacheAwareConfig())
         self._turn = 0
 
-    def pick(self, candidates: Sequence[Endpoint], ctx: RequestContext) -> Endpoint:
+    def pick(self, candidates: Sequence[Endpoint], ctx: RequestContext) -> Choice:
         cfg = self.config
         pool = [ep for ep in candidates if not is_saturated(ep, cfg)] or list(candidates)
         if len(pool) < len(candidates):
@@ -68,12 +105,13 @@ class CacheAwarePolicy:
         loads = [request_load(ep) for ep in pool]
         ctx.scores = {ep.id: self._score(ep, ctx) for ep in pool}
         if best_match == 0:  # every score is -load cost: the least prefill work ahead wins
-            return self._decide(ctx, "no_hint_least_load", self._best_scored(pool, ctx))
+            return Choice(self._best_scored(pool, ctx), DecisionKind.NO_HINT)
         if self._imbalanced(min(loads), max(loads)):
-            return self._decide(ctx, "balance", self._least_loaded(pool))
+            return Choice(self._least_loaded(pool), DecisionKind.BALANCE, f"loads {min(loads)}..{max(loads)}")
         chosen = self._best_scored(pool, ctx)
-        won = saved_tokens(chosen, ctx) >= best_match
-        return self._decide(ctx, "cache_hit" if won else "cache_hit_overridden_by_load", chosen)
+        if saved_tokens(chosen, ctx) >= best_match:
+            return Choice(chosen, DecisionKind.CACHE_HIT)
+        return Choice(chosen, DecisionKind.CACHE_OVERRIDDEN, f"best match {best_match} tokens elsewhere")
 
     def _score(self, ep: Endpoint, ctx: RequestContext) -> float:
         """cache term - load term; a zero term stays zero whatever its weight (no inf * 0),
@@ -102,8 +140,3 @@ class CacheAwarePolicy:
             return tied[0]
         self._turn += 1
         return tied[self._turn % len(tied)]
-
-    @staticmethod
-    def _decide(ctx: RequestContext, decision: str, chosen: Endpoint) -> Endpoint:
-        ctx.decision = decision
-        return chosen

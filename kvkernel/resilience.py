@@ -34,9 +34,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from gateway.breaker import CircuitBreaker, CircuitOpenError
-from gateway.config import CircuitBreakerConfig
-from gateway.decode import FieldError, Seconds
+from kvkernel.breaker import CircuitBreaker, CircuitBreakerConfig, CircuitOpenError
+from kvkernel.decode import FieldError, Seconds
 
 T = TypeVar("T")
 

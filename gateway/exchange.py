@@ -1,0 +1,210 @@
+"""One exchange owns a proxied request's lifecycle, whatever answers it:
+
+    admit (route, draining, body) -> on_request -> pick -> forward -> on_response
+    -> relay -> on_complete
+
+Every reply passes `on_response` and `on_complete` and so gets an access-log
+line: the upstream's, a filter's local reply, and the replies the gateway makes
+itself (404 no route, 413, 400 bad body, 503 draining or no healthy endpoint,
+502/504 upstream failure, `/v1/models`). Replies made before the chain ran (no
+route, draining, bad body) skip only `on_request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from filters.keys import CACHE_HINTS, preferred_endpoint, token_ids
+from filters.runner import FilterChain
+from gateway.endpoints import Cluster, Endpoint
+from gateway.pickers.base import Picker
+from gateway.proxy import ForwardPlan, Proxy
+from gateway.state import GatewayState
+from kvkernel.context import CONTEXT_KEY, DecisionKind, RequestContext, RoutingDecision
+from kvkernel.reply import LocalReply, ResponseHead, error_reply
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """The client's `x-request-id` if it is sane, else 32 random hex digits (an id, not a
+    secret: the process-local PRNG, reseeded after fork, costs no system call)."""
+    given = request.headers.get("x-request-id", "")
+    return given if given and _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+
+
+def choose(cluster: Cluster, picker: Picker, ctx: RequestContext, tried: set[str]) -> Endpoint | None:
+    """The endpoint for the next attempt (None when no eligible endpoint is left); records
+    the typed decision. The pre-pick step honours the chain's preferred endpoint unless
+    the picker weighs cache hints itself."""
+    candidates = [e for e in cluster.endpoints if e.id not in tried and e.eligible()]
+    if not candidates:
+        return None
+    attempt = len(tried) + 1
+    if not tried and not picker.weighs_hints:
+        wanted = preferred_endpoint(ctx)
+        chosen = next((e for e in candidates if e.id == wanted), None) if wanted else None
+        if chosen is not None:
+            ctx.decision = RoutingDecision(DecisionKind.PREFERRED, picker.type_name, "preferred by the chain")
+            return chosen
+    choice = picker.pick(candidates, ctx)
+    kind, reason = choice.kind, choice.reason
+    if tried:
+        kind, reason = DecisionKind.FAILOVER, reason or choice.kind.value
+    ctx.decision = RoutingDecision(kind, picker.type_name, reason, attempt)
+    return choice.endpoint
+
+
+def predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
+    """Prompt tokens the endpoint is predicted to prefill (the hints' match subtracted)."""
+    ids = token_ids(ctx)
+    if ids is None:
+        return 0
+    hints = ctx.get(CACHE_HINTS)
+    matched = hints.matched_tokens.get(endpoint.id, 0) if hints is not None else 0
+    return max(0, len(ids) - matched)
+
+
+class Exchange:
+    def __init__(self, state: GatewayState, chain: FilterChain, proxy: Proxy) -> None:
+        self.state = state
+        self.chain = chain
+        self.proxy = proxy
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        ctx = RequestContext(request_id(request), request.method, request.path)
+        request[CONTEXT_KEY] = ctx
+        state.inflight += 1
+        try:
+            response = await self._serve(request, ctx)
+            ctx.status = response.status
+            return response
+        except asyncio.CancelledError:
+            ctx.error = ctx.error or "cancelled (client gone or shutdown)"
+            raise
+        finally:
+            state.inflight -= 1
+            ctx.latency_ms = ctx.elapsed_ms()
+            state.metrics.observe(ctx)
+            await self.chain.on_complete(ctx)
+
+    async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        cluster, reply = await self._admit(request, ctx)
+        if reply is None:
+            reply = await self.chain.on_request(ctx)
+        if reply is None:
+            assert cluster is not None
+            if request.method == "GET" and request.path.endswith("/v1/models"):
+                reply = await self._models(cluster)
+            else:
+                outcome = await self.proxy.forward(request, ctx, self._plan(cluster, ctx))
+                if isinstance(outcome, web.StreamResponse):
+                    return outcome
+                reply = outcome
+        return await self._send(ctx, reply)
+
+    def _plan(self, cluster: Cluster, ctx: RequestContext) -> ForwardPlan:
+        picker = self.state.pickers[cluster.name]
+        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self.chain.on_response, ctx),
+                           partial(predicted_uncached, ctx))
+
+    async def _admit(self, request: web.Request, ctx: RequestContext) -> tuple[Cluster | None, LocalReply | None]:
+        """Route, draining and body checks: the cluster, or the gateway's own reply."""
+        state = self.state
+        matched = state.match_route(request.path)
+        if matched is None:
+            return None, error_reply(404, f"no route for path {request.path!r}", code="route_not_found")
+        ctx.route, cluster = matched[0], matched[1]
+        ctx.cluster = cluster.name
+        if state.draining:
+            return cluster, error_reply(503, "gateway is shutting down", code="draining",
+                                        headers={"Retry-After": "1", "Connection": "close"})
+        return cluster, await self._read_body(request, ctx)
+
+    async def _read_body(self, request: web.Request, ctx: RequestContext) -> LocalReply | None:
+        """Read and JSON-parse the body; a 400/413 reply if it is unacceptable."""
+        limit = self.state.config.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return error_reply(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}",
+                               code="body_too_large")
+        if not request.body_exists:
+            return None
+        try:
+            ctx.body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_reply(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+            return error_reply(400, f"request body could not be read: {exc}", code="invalid_body")
+        if request.method not in _BODY_METHODS or not ctx.body:
+            return None
+        # JSON when declared, or when no Content-Type was sent at all (curl -d, some SDKs);
+        # any other declared type (octet-stream, form, text) is forwarded untouched.
+        ctype = request.content_type
+        if "Content-Type" in request.headers and ctype != "application/json" and not ctype.endswith("+json"):
+            return None
+        return self._parse_json(ctx)
+
+    @staticmethod
+    def _parse_json(ctx: RequestContext) -> LocalReply | None:
+        try:
+            parsed: Any = json.loads(ctx.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error_reply(400, f"request body is not valid JSON: {exc}", code="invalid_json")
+        except RecursionError:
+            return error_reply(400, "request body is nested too deeply", code="invalid_json")
+        if not isinstance(parsed, dict):
+            return error_reply(400, f"request body must be a JSON object, got {type(parsed).__name__}",
+                               code="invalid_json")
+        ctx.json = parsed
+        return None
+
+    async def _send(self, ctx: RequestContext, reply: LocalReply) -> web.Response:
+        """A local reply, after `on_response` (filters may add headers or change nothing else)."""
+        headers: CIMultiDict[str] = CIMultiDict(reply.headers)
+        headers["x-request-id"] = ctx.request_id
+        head = ResponseHead(reply.status, headers, local=True)
+        await self.chain.on_response(ctx, head)
+        ctx.status = head.status
+        if reply.error is not None:
+            ctx.error = ctx.error or reply.error[:200]
+        if ctx.decision is None:
+            ctx.decision = RoutingDecision(DecisionKind.LOCAL_REPLY, reason=reply.error or "gateway reply")
+        body = _encode(reply.body).encode()
+        ctx.bytes_out = len(body)
+        response = web.Response(status=head.status, body=body, headers=head.headers)
+        response.content_type = "application/json"
+        return response
+
+    async def _models(self, cluster: Cluster) -> LocalReply:
+        """`GET /v1/models`: the union of every eligible backend's model list (by id)."""
+        http = self.state.http
+        assert http is not None
+        timeout = cluster.config.health_check.timeout * 2
+
+        async def fetch(url: str) -> list[dict[str, Any]]:
+            try:
+                resp = await http.get(url + "/v1/models", timeout=timeout)
+                data = resp.json().get("data", []) if resp.status_code == 200 else []
+                return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            except Exception:  # noqa: BLE001 - one bad backend must not break the list
+                return []
+
+        eligible = [e for e in cluster.endpoints if e.eligible()]
+        if not eligible:
+            return error_reply(503, f"no healthy endpoint in cluster '{cluster.name}'", code="no_healthy_endpoint")
+        merged: dict[str, dict[str, Any]] = {}
+        for models in await asyncio.gather(*(fetch(e.url) for e in eligible)):
+            for model in models:
+                merged.setdefault(model["id"], model)
+        return LocalReply(200, {"object": "list", "data": list(merged.values())})
