@@ -10,7 +10,7 @@ and declare the typed state they need (`consumes`) and publish (`produces`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -20,7 +20,7 @@ from kvkernel.context import RequestContext, StateKey
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
 __all__ = ["CONTINUE", "Action", "BackgroundSubmitter", "ClusterDirectory", "EndpointView", "Filter",
-           "FilterResult", "LocalReply", "ResponseHead", "Services", "stop"]
+           "FilterResult", "LocalReply", "PrefixIndexView", "ResponseHead", "Services", "stop"]
 
 
 class Action(enum.Enum):
@@ -69,6 +69,13 @@ class ClusterDirectory(Protocol):
     def cluster_names(self) -> Sequence[str]: ...
 
 
+class PrefixIndexView(Protocol):
+    """The gateway's in-process prefix index (engine KV events, prefixes in flight,
+    learned from traffic), at block granularity: matched tokens per endpoint id."""
+
+    def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, int]: ...
+
+
 class BackgroundSubmitter(Protocol):
     def submit(self, name: str, job: Callable[[], Awaitable[object]]) -> bool: ...
 
@@ -82,6 +89,7 @@ class Services:
     http: httpx.AsyncClient
     metrics: Any = None  # prometheus_client.CollectorRegistry
     gateway_load: Callable[[], float] = lambda: 0.0  # in-flight / capacity, 0..1+
+    prefix_index: PrefixIndexView | None = None
 
 
 class Filter:

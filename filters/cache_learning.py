@@ -89,5 +89,10 @@ class PrefixLearner:
             self.index.learn(node_name(ctx.cluster or "", ctx.endpoint), keys)
         return keys
 
+    def teach(self, cluster: str, endpoint_id: str, keys: Sequence[int]) -> None:
+        """Another source (a background controller lookup) says the endpoint holds `keys`."""
+        if self.enabled and keys:
+            self.index.learn(node_name(cluster, endpoint_id), keys)
+
     def forget(self, cluster: str, endpoint_id: str, keys: Sequence[int]) -> None:
         self.index.forget(node_name(cluster, endpoint_id), keys)

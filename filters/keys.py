@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kvkernel.blocks import block_keys
 from kvkernel.context import StateKey
 
 PromptKind = Literal["completion", "chat"]
-Tier = Literal["lmcache", "local-index", "engine-events", "none"]
+Tier = Literal["prefix-index", "lmcache", "local-index", "none"]
 
 
 @dataclass(slots=True)
@@ -66,6 +67,10 @@ CACHE_HINTS: StateKey[CacheHints] = StateKey("cache_hints", CacheHints)
 # An endpoint id a filter wants this request to go to (honoured by the pre-pick step
 # when the cluster's picker does not weigh cache hints itself).
 PREFERRED_ENDPOINT: StateKey[str] = StateKey("preferred_endpoint", str)
+# The prompt's prefix keys over 16-token blocks (see kvkernel.blocks), computed once.
+BLOCK_KEYS: StateKey[list[int]] = StateKey("block_keys", list)
+# A per-request time-to-first-token objective in seconds (from a request header).
+TTFT_SLO: StateKey[float] = StateKey("ttft_slo", float)
 # A client-chosen affinity key (e.g. a session header) for hashing pickers.
 AFFINITY_KEY: StateKey[str] = StateKey("affinity_key", str)
 
@@ -83,3 +88,15 @@ def preferred_endpoint(ctx: Any) -> str | None:
         return explicit
     hints: CacheHints | None = ctx.get(CACHE_HINTS)
     return hints.preferred_endpoint if hints is not None else None
+
+
+def prompt_block_keys(ctx: Any) -> list[int] | None:
+    """The request's block keys (computed from `TOKENS` on first use), or None without tokens."""
+    keys: list[int] | None = ctx.get(BLOCK_KEYS)
+    if keys is None:
+        ids = token_ids(ctx)
+        if ids is None:
+            return None
+        keys = block_keys(ids)
+        ctx[BLOCK_KEYS] = keys
+    return keys

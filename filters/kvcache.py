@@ -1,21 +1,26 @@
 """`kvcache` filter: where does this prompt's KV cache live? Writes `CACHE_HINTS`.
 
-Reads `TOKENS` (the `tokenizer` filter) and `ctx.cluster`. On the request
-path it makes one LMCache `/lookup` within `lookup_timeout`, maps instance ids to
-the cluster's endpoint ids and writes `CACHE_HINTS`: tier "lmcache", matched prefix
-tokens per endpoint, the preferred (most matched) endpoint, `lookup_ms`, and a
-`reason`. If the controller is slow, down, behind an open breaker, or knows
-nothing useful, the local prefix index (learned from this gateway's own completed
-requests) answers instead: tier "local-index"; else tier "none". A longer prefix in
-the local index (one still being prefilled) beats a shorter controller match.
-`preferred_endpoint` is always an eligible endpoint (or None). Prompts without a
-full 256-token chunk are not looked up (they cannot match).
+Reads `TOKENS` (the `tokenizer` filter) and `ctx.cluster`. Three sources, merged
+per endpoint (the longest match wins, replicas all kept):
+
+- tier "prefix-index": the gateway's in-process block index (16-token blocks; fed
+  by the engines' KV events, by prefixes in flight, and by what endpoints without
+  an event feed served). In-process: no round trip.
+- tier "lmcache": the controller's `/lookup` (256-token chunks), asked per
+  `controller_lookup`: on the request path within `lookup_timeout`, only on an
+  index miss, or off the path (a background lookup that teaches the local index
+  for later requests; the default when the cluster's engines publish events).
+- tier "local-index": 256-token chunks learned from this gateway's own traffic
+  and from background controller answers (TTL'd).
+
+`preferred_endpoint` is always an eligible endpoint (or None). If the controller
+is slow, down or behind an open breaker, the other tiers answer; the reason says
+why (e.g. "lmcache_timeout"). It never fails a request.
 
 On completion it teaches the local index which endpoint now holds the prompt's
 chunks, feeds the cache-management tracker and, at most once per
 `cache_strategy.interval`, schedules a decision round on the background queue
-(decided in a worker thread; its pin/compress/evict actions go on that queue
-too). It never fails a request: every controller problem degrades to a tier.
+(decided in a worker thread; its pin/compress/evict actions go on that queue too).
 
 Three parts, one module each: lookup (`filters.cache_lookup`), learning
 (`filters.cache_learning`), cache management (`filters.cache_management`).
@@ -36,10 +41,10 @@ from filters.cache_management import CacheManagement
 from filters.cache_manager import CacheManager
 from filters.cache_strategy import CacheStrategyConfig
 from filters.instance_map import InstanceMap, MapMode
-from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tier
+from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tier, prompt_block_keys
 from filters.kvcache_metrics import KVCacheMetrics
 from filters.lmcache_client import LMCacheClient
-from filters.local_index import LocalIndexConfig, LocalPrefixIndex
+from filters.local_index import LocalIndexConfig, LocalPrefixIndex, prompt_chunk_keys
 from filters.registry import register
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
@@ -54,6 +59,12 @@ log = logging.getLogger("kvgate.kvcache")
 class KVCacheConfig:
     lmcache_endpoint: str | None = None  # None: local index only
     lookup_timeout: Seconds = 0.05
+    # When the controller is asked, relative to the request: "on_request" (within
+    # lookup_timeout, every prompt with a full chunk), "on_miss" (only when the in-process
+    # prefix index has no match), "off_path" (never on the request path: a miss starts a
+    # background lookup whose answer serves later requests), "auto" ("off_path" for
+    # clusters whose endpoints publish KV events, else "on_request").
+    controller_lookup: Literal["auto", "on_request", "on_miss", "off_path"] = "auto"
     lookup_retry: bool = False           # retry /lookup inside lookup_timeout
     request_timeout: Seconds = 2.0
     retry: RetrySettings = field(default_factory=RetrySettings)
@@ -153,17 +164,45 @@ class KVCacheFilter(Filter):
         tokens = ctx.get(TOKENS)
         if ctx.cluster is None or tokens is None or not tokens.ids:
             return CacheHints("none", reason="no_tokens")
-        if len(tokens.ids) < CHUNK_SIZE:  # no full chunk: nothing can match, spare the round trip
-            return CacheHints("none", reason="short_prompt")
         endpoints = self.services.clusters.endpoints(ctx.cluster)
+        blocks = self._block_match(ctx, endpoints)
+        chunks = await self._chunk_hint(ctx, tokens.ids, endpoints, bool(blocks))
+        if not blocks or max(blocks.values()) < max(chunks.matched_tokens.values(), default=0):
+            return chunks
+        merged = {**chunks.matched_tokens}
+        for ep, n in blocks.items():
+            merged[ep] = max(n, merged.get(ep, 0))
+        reason = "prefix_index" if chunks.tier == "none" else f"prefix_index+{chunks.reason}"
+        return _hints("prefix-index", merged, reason, endpoints, chunks.lookup_ms)
+
+    def _block_match(self, ctx: RequestContext, endpoints: Sequence[EndpointView]) -> dict[str, int]:
+        """The in-process block index's matches among the eligible-or-not endpoints."""
+        index = self.services.prefix_index
+        keys = prompt_block_keys(ctx)
+        if index is None or not keys:
+            return {}
+        return index.match(keys, [ep.id for ep in endpoints])
+
+    async def _chunk_hint(self, ctx: RequestContext, ids: list[int], endpoints: Sequence[EndpointView],
+                          indexed: bool) -> CacheHints:
+        """The LMCache tier and the local chunk index (256-token chunks)."""
+        assert ctx.cluster is not None
+        if len(ids) < CHUNK_SIZE:  # no full chunk: nothing can match, spare the round trip
+            return CacheHints("none", reason="short_prompt")
         self.learner.forget_ejected(ctx.cluster, endpoints)
         reason = "no_controller"
         remote: dict[str, int] = {}
         lookup_ms: float | None = None
         if self.lookup is not None:
             self.lookup.refresh_instances(endpoints, self.services.background)
-            found = await self.lookup.lookup(tokens.ids, endpoints)
-            remote, reason, lookup_ms = found.matched, found.reason, found.seconds * 1000
+            mode = self._controller_mode(endpoints)
+            if mode == "on_request" or (mode == "on_miss" and not indexed):
+                found = await self.lookup.lookup(ids, endpoints)
+                remote, reason, lookup_ms = found.matched, found.reason, found.seconds * 1000
+            elif mode == "off_path" and not indexed:
+                reason = "lmcache_off_path" if self._lookup_later(ctx.cluster, ids, endpoints) else "lmcache_dropped"
+            else:
+                reason = "lmcache_skipped"
         local = self.learner.match(ctx.cluster, endpoints, request_keys(ctx) or [])
         if remote:
             # The index also knows prefixes still being prefilled (taught by response heads),
@@ -177,6 +216,27 @@ class KVCacheFilter(Filter):
         if local:
             return _hints("local-index", local, reason, endpoints, lookup_ms)
         return CacheHints("none", lookup_ms=lookup_ms, reason=reason)
+
+    def _controller_mode(self, endpoints: Sequence[EndpointView]) -> str:
+        mode = self.config.controller_lookup
+        if mode != "auto":
+            return mode
+        return "off_path" if any(getattr(ep, "has_event_feed", False) for ep in endpoints) else "on_request"
+
+    def _lookup_later(self, cluster: str, ids: list[int], endpoints: Sequence[EndpointView]) -> bool:
+        """A background lookup whose answer teaches the local chunk index (TTL'd), so the
+        next request sharing this prefix sees what the controller knows; False if dropped."""
+        lookup, learner = self.lookup, self.learner
+        assert lookup is not None
+        snapshot = list(endpoints)
+
+        async def run() -> None:
+            found = await lookup.lookup(ids, snapshot)
+            keys = prompt_chunk_keys(ids)
+            for endpoint_id, tokens in found.matched.items():
+                learner.teach(cluster, endpoint_id, keys[:tokens // CHUNK_SIZE])
+
+        return self.services.background.submit("lmcache-lookup", run)
 
     async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
         self.learner.on_head(ctx, head)

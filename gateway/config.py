@@ -80,12 +80,38 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KVEventsConfig:
+    """`kv_events:` of an endpoint: the engine's KV-event publisher (vLLM's
+    `--kv-events-config` `endpoint` / `replay_endpoint`, as the gateway reaches them)."""
+
+    endpoint: str  # tcp://host:port of the PUB socket
+    replay_endpoint: str | None = None  # tcp://host:port of the ROUTER replay socket
+    topic: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not _zmq_tcp(value):
+                raise FieldError(name, f"must be tcp://HOST:PORT, got {value!r}")
+
+
+def _zmq_tcp(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme == "tcp" and bool(parts.hostname) and port is not None and parts.path in ("", "/")
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointConfig:
     id: str
     url: str
     kind: EndpointKind = "vllm"
     lmcache_instance_id: str | None = None
     scrape_metrics: bool = True
+    kv_events: KVEventsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.id:

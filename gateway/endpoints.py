@@ -36,6 +36,7 @@ class Endpoint:
         self.url = config.base_url
         self.kind: str = config.kind
         self.lmcache_instance_id = config.lmcache_instance_id or config.id
+        self.has_event_feed = config.kv_events is not None  # the engine publishes KV events
         self.breaker = breaker
         self.healthy = True  # optimistic until the first health check says otherwise
         self.inflight = 0

@@ -22,10 +22,11 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from filters.keys import CACHE_HINTS, preferred_endpoint, token_ids
+from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
 from gateway.endpoints import Cluster, Endpoint
 from gateway.pickers.base import Picker
+from gateway.prefix_index import PrefixIndex
 from gateway.proxy import ForwardPlan, Proxy
 from gateway.state import GatewayState
 from kvkernel.context import CONTEXT_KEY, DecisionKind, RequestContext, RoutingDecision
@@ -75,6 +76,32 @@ def predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
     return max(0, len(ids) - matched)
 
 
+class AttemptAccounting:
+    """Per attempt: tells the picker, and records the prefix as in flight at the endpoint
+    in the prefix index until it settles (the next request sharing it sees a future hit)."""
+
+    __slots__ = ("picker", "index", "ctx", "keys", "served")
+
+    def __init__(self, picker: Picker, index: PrefixIndex, ctx: RequestContext) -> None:
+        self.picker, self.index, self.ctx = picker, index, ctx
+        self.keys: list[int] = []
+        self.served = False
+
+    def dispatched(self, endpoint: Endpoint) -> None:
+        self.served = False
+        self.keys = prompt_block_keys(self.ctx) or []
+        self.index.expect(endpoint.id, self.keys)
+        self.picker.dispatched(self.ctx, endpoint)
+
+    def first_byte(self, endpoint: Endpoint) -> None:
+        self.served = self.ctx.status is not None and 200 <= self.ctx.status < 300
+        self.picker.first_byte(self.ctx, endpoint)
+
+    def released(self, endpoint: Endpoint) -> None:
+        self.index.settle(endpoint.id, self.keys, served=self.served, learn=not endpoint.has_event_feed)
+        self.picker.released(self.ctx, endpoint)
+
+
 class Exchange:
     def __init__(self, state: GatewayState, chain: FilterChain, proxy: Proxy) -> None:
         self.state = state
@@ -83,7 +110,7 @@ class Exchange:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
-        ctx = RequestContext(request_id(request), request.method, request.path)
+        ctx = RequestContext(request_id(request), request.method, request.path, request.headers)
         request[CONTEXT_KEY] = ctx
         state.inflight += 1
         try:
@@ -116,8 +143,10 @@ class Exchange:
 
     def _plan(self, cluster: Cluster, ctx: RequestContext) -> ForwardPlan:
         picker = self.state.pickers[cluster.name]
+        attempt = AttemptAccounting(picker, self.state.prefix_index, ctx)
         return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self.chain.on_response, ctx),
-                           partial(predicted_uncached, ctx))
+                           partial(predicted_uncached, ctx), attempt.dispatched, attempt.first_byte,
+                           attempt.released)
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> tuple[Cluster | None, LocalReply | None]:
         """Route, draining and body checks: the cluster, or the gateway's own reply."""

@@ -139,6 +139,10 @@ class ForwardPlan:
     choose: Callable[[set[str]], Endpoint | None]  # next endpoint, given the ids tried so far
     on_head: Callable[[ResponseHead], Awaitable[None]]  # before the head is sent (filters may edit it)
     uncached: Callable[[Endpoint], int]  # predicted uncached prompt tokens there
+    # Attempt lifecycle, for load and cache accounting: sent, first body byte, over.
+    on_dispatch: Callable[[Endpoint], None] = lambda endpoint: None
+    on_first_byte: Callable[[Endpoint], None] = lambda endpoint: None
+    on_release: Callable[[Endpoint], None] = lambda endpoint: None
 
 
 class Proxy:
@@ -180,6 +184,7 @@ class Proxy:
         backlog = PrefillBacklog(endpoint, plan.uncached(endpoint))
         endpoint.inflight += 1
         endpoint.stats.requests += 1
+        plan.on_dispatch(endpoint)
         try:
             try:
                 upstream = await self.session.request(
@@ -210,6 +215,7 @@ class Proxy:
         finally:
             endpoint.inflight -= 1
             backlog.release()
+            plan.on_release(endpoint)
 
     @staticmethod
     def _fail(endpoint: Endpoint, counts: bool) -> None:
@@ -241,6 +247,7 @@ class Proxy:
                 if ctx.ttfb_ms is None:
                     ctx.ttfb_ms = ctx.elapsed_ms()
                     backlog.release()  # the first byte means prefill is done
+                    plan.on_first_byte(endpoint)
                 await response.write(chunk)
                 ctx.bytes_out += len(chunk)
                 tail = (tail + chunk)[-_TAIL_BYTES:]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import httpx
@@ -13,6 +13,7 @@ from gateway.config import GatewayConfig
 from gateway.endpoints import Cluster, ClusterRegistry
 from gateway.metrics import GatewayMetrics
 from gateway.pickers.base import Picker
+from gateway.prefix_index import PrefixIndex
 
 
 @dataclass
@@ -22,6 +23,7 @@ class GatewayState:
     pickers: dict[str, Picker]  # cluster name -> its picker
     metrics: GatewayMetrics
     routes: list[tuple[str, str]]  # (path prefix, cluster name), longest prefix first
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     background: BackgroundQueue | None = None
     http: httpx.AsyncClient | None = None
     session: aiohttp.ClientSession | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
@@ -80,6 +81,7 @@ class RequestContext:
     request_id: str
     method: str
     path: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # the client's, read-only
     started: float = field(default_factory=time.perf_counter)
     received_at: float = field(default_factory=time.time)
     route: str | None = None

@@ -40,6 +40,21 @@ class Picker:
     def pick(self, candidates: Sequence[Endpoint], ctx: RequestContext) -> Choice:
         raise NotImplementedError
 
+    # Attempt lifecycle (the proxy's view): the request was sent to `endpoint`, its first
+    # body byte arrived, the attempt is over (after relay or failure). Default: nothing.
+    def dispatched(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        return None
+
+    def first_byte(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        return None
+
+    def released(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        return None
+
     def status(self) -> dict[str, Any] | None:
         """What `/kvgate/status` shows of this picker's learned state (None: nothing)."""
         return None
+
+    def gauges(self) -> list[tuple[str, str, float]]:
+        """(endpoint id, name, value) of learned per-endpoint figures, for `/metrics`."""
+        return []

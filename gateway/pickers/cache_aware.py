@@ -1,88 +1,94 @@
-"""The `cache_aware` picker: cache hints weighed against load, behind a saturation filter.
+"""The `cache_aware` picker: the candidate with the lowest predicted time to first token.
 
-For the eligible candidates of one request:
+For each eligible candidate `e` of a request of `n` prompt tokens:
 
-1. saturation filter: drop endpoints whose scraped `num_requests_waiting` exceeds
-   `max_waiting` or whose KV usage exceeds `max_kv_usage` — unless all are saturated;
-2. balance guard (as SGLang's router): with request load = in-flight + scraped
-   waiting, if `max - min > balance_abs_threshold` and `max > balance_rel_threshold * min`,
-   cache affinity is ignored and the least loaded endpoint wins ("balance");
-3. otherwise score = `cache_weight` * predicted saved prefill tokens (the hints'
-   matched prefix, capped at the prompt length) - `load_weight` * load cost, where
-   load cost = (in-flight + waiting) * `prefill_tokens_per_request` + prefill backlog
-   (predicted uncached prompt tokens of in-flight requests). Highest score wins.
+    reuse(e)   = prefix tokens `e` holds or is computing now (the cache hints: engine
+                 KV events, prefixes in flight there, the controller), capped at n
+    ttft(e)    = queue ahead at e + overhead(e) + (n - reuse(e)) / rate(e)
+    score(e)   = ttft(e) + duplicate_weight * (best reuse - reuse(e)) / rate(e)
 
-Writes `ctx.scores` (endpoint -> score, for the candidates that were scored) and
-returns the decision kind: "cache_hit" (the best-matched endpoint won), "cache_hit_overridden_by_load"
-(an endpoint with a longer match lost to load or saturation), "balance" (the guard
-chose the endpoint with the fewest requests), or "no_hint_least_load" (no candidate
-has a match: the least load cost wins). Ties rotate.
+Rates and overheads are learned per endpoint from the gateway's own observations
+(`ttft_model.SpeedLearner`), so a slow CPU daemon and a fast GPU server are told
+apart; the queue ahead is the endpoint's predicted prefill backlog
+(`ttft_model.PrefillQueue`: work decays as it runs, nothing is held through
+decode), plus the backend's scraped waiting requests the gateway did not send.
+The duplicate term charges copying a prefix onto an endpoint that lacks it (it
+evicts others' prefixes there). Lowest score wins; ties rotate.
+
+Before scoring: saturated endpoints (scraped waiting > `max_waiting`, KV usage >
+`max_kv_usage`) are dropped unless all are, and the balance guard drops endpoints
+whose request load (in-flight + waiting) exceeds the least loaded one's by more
+than `balance_abs_threshold` and `balance_rel_threshold` times. With a TTFT
+objective (the `slo_header`, in ms), only candidates predicted to meet it are
+scored, if any; how often none could is counted.
+
+`scoring: tokens` selects the previous scoring (`token_scoring.TokenScoring`).
+`ctx.scores` holds each scored candidate's predicted TTFT in ms; the access log
+gets `predicted_ttft_ms` and, after the fact, `ttft_error_ms` (actual - predicted).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from filters.keys import CACHE_HINTS, CacheHints, token_ids
 from gateway.endpoints import Endpoint
 from gateway.pickers.base import Choice, Picker
+from gateway.pickers.cache_aware_config import CacheAwareConfig
 from gateway.pickers.registry import register_picker
-from kvkernel.context import DecisionKind, RequestContext
-from kvkernel.decode import FieldError
+from gateway.pickers.token_scoring import TokenScoring, is_saturated, request_load
+from gateway.pickers.ttft_model import PrefillQueue, SpeedLearner
+from kvkernel.context import DecisionKind, RequestContext, StateKey
+
+__all__ = ["CacheAwareConfig", "CacheAwarePolicy"]
 
 _NO_HINTS = CacheHints()
+CHARS_PER_TOKEN = 4  # prompt length estimate when the chain produced no token ids
 
 
-@dataclass(frozen=True, slots=True)
-class CacheAwareConfig:
-    """Weights of the cache_aware picker (see docs/filters.md, "Picker")."""
+@dataclass(slots=True)
+class _Estimate:
+    endpoint: Endpoint
+    reuse: int
+    uncached: int
+    queue: float
+    service: float
 
-    cache_weight: float = 1.0
-    load_weight: float = 1.0
-    balance_abs_threshold: int = 16
-    balance_rel_threshold: float = 1.5
-    max_waiting: int = 16
-    max_kv_usage: float = 0.95
-    prefill_tokens_per_request: int = 256
-
-    def __post_init__(self) -> None:
-        for name in ("cache_weight", "load_weight"):
-            value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise FieldError(name, f"must be a number >= 0, got {value}")
-        for name in ("balance_abs_threshold", "max_waiting", "prefill_tokens_per_request"):
-            if getattr(self, name) < 0:
-                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.balance_rel_threshold >= 1:
-            raise FieldError("balance_rel_threshold", f"must be >= 1, got {self.balance_rel_threshold}")
-        if not 0 < self.max_kv_usage <= 1:
-            raise FieldError("max_kv_usage", f"must be in (0, 1], got {self.max_kv_usage}")
+    @property
+    def ttft(self) -> float:
+        return self.queue + self.service
 
 
-def is_saturated(ep: Endpoint, config: CacheAwareConfig) -> bool:
-    waiting = ep.num_requests_waiting
-    usage = ep.kv_cache_usage
-    return (waiting is not None and waiting > config.max_waiting) or (usage is not None and usage > config.max_kv_usage)
+@dataclass(slots=True)
+class _Dispatch:
+    """One attempt, from dispatch to release (kept under a private typed key)."""
+
+    endpoint: str
+    uncached: int
+    service: float
+    predicted_ttft: float
+    dispatched_at: float
+    predicted_end: float
+    first_byte_seen: bool = False
+    observed_service: float | None = None  # streams only
 
 
-def request_load(ep: Endpoint) -> int:
-    """Requests queued or running at `ep`: the gateway's in-flight plus the backend's waiting queue."""
-    return ep.inflight + (ep.num_requests_waiting or 0)
+_DISPATCH: StateKey[_Dispatch] = StateKey("cache_aware.dispatch", _Dispatch)
+_ESTIMATES: StateKey[dict[str, _Estimate]] = StateKey("cache_aware.estimates", dict)
 
 
-def load_cost(ep: Endpoint, config: CacheAwareConfig) -> float:
-    """Prefill tokens ahead of a new request at `ep` (in token units, like the cache term)."""
-    return float(request_load(ep) * config.prefill_tokens_per_request + ep.prefill_backlog)
+class _EndpointModel:
+    __slots__ = ("speed", "queue", "errors", "abs_error")
 
-
-def saved_tokens(ep: Endpoint, ctx: RequestContext) -> int:
-    matched = (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0)
-    ids = token_ids(ctx)
-    if ids is not None:
-        matched = min(matched, len(ids))
-    return max(0, matched)
+    def __init__(self, config: CacheAwareConfig, clock: Callable[[], float]) -> None:
+        self.speed = SpeedLearner(config.prior_prefill_rate, config.prior_overhead, config.forgetting)
+        self.queue = PrefillQueue(clock)
+        self.errors = 0
+        self.abs_error = 0.0  # running mean of |actual - predicted| TTFT, s
 
 
 @register_picker("cache_aware")
@@ -92,51 +98,185 @@ class CacheAwarePolicy(Picker):
     weighs_hints = True
     config: CacheAwareConfig
 
-    def __init__(self, config: CacheAwareConfig | None = None) -> None:
+    def __init__(self, config: CacheAwareConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(config or CacheAwareConfig())
+        self._clock = clock
+        self._models: dict[str, _EndpointModel] = {}
+        self._tokens = TokenScoring(self.config) if self.config.scoring == "tokens" else None
         self._turn = 0
+        self.slo_requests = 0
+        self.slo_unmeetable = 0
 
+    def model(self, endpoint_id: str) -> _EndpointModel:
+        found = self._models.get(endpoint_id)
+        if found is None:
+            found = self._models[endpoint_id] = _EndpointModel(self.config, self._clock)
+        return found
+
+    # ---- picking -------------------------------------------------------------------------
     def pick(self, candidates: Sequence[Endpoint], ctx: RequestContext) -> Choice:
+        if self._tokens is not None:
+            return self._tokens.pick(candidates, ctx)
+        pool = self._admissible(candidates, ctx)
+        estimates = {ep.id: self._estimate(ep, ctx) for ep in candidates}
+        ctx[_ESTIMATES] = estimates
+        best_reuse = max(e.reuse for e in estimates.values())
+        scored = self._within_slo([estimates[ep.id] for ep in pool], ctx)
+        ctx.scores = {e.endpoint.id: round(e.ttft * 1000, 3) for e in scored}
+        chosen = self._lowest(scored, best_reuse)
+        if best_reuse == 0:
+            return Choice(chosen.endpoint, DecisionKind.NO_HINT)
+        if chosen.reuse >= best_reuse:
+            return Choice(chosen.endpoint, DecisionKind.CACHE_HIT)
+        holders = [e for e in estimates.values() if e.reuse >= best_reuse]
+        if not any(h.endpoint in pool for h in holders):
+            overloaded = ctx.log_fields.get("overloaded") or ()
+            if all(h.endpoint.id in overloaded for h in holders):
+                return Choice(chosen.endpoint, DecisionKind.BALANCE, "every holder overloaded")
+            return Choice(chosen.endpoint, DecisionKind.CACHE_OVERRIDDEN, "every holder saturated or overloaded")
+        holder = min(holders, key=lambda e: e.ttft)
+        return Choice(chosen.endpoint, DecisionKind.CACHE_OVERRIDDEN,
+                      f"predicted {chosen.ttft * 1000:.1f} ms vs {holder.ttft * 1000:.1f} ms at {holder.endpoint.id}")
+
+    def _admissible(self, candidates: Sequence[Endpoint], ctx: RequestContext) -> list[Endpoint]:
+        """Saturation filter, then the balance guard (never empty)."""
         cfg = self.config
         pool = [ep for ep in candidates if not is_saturated(ep, cfg)] or list(candidates)
         if len(pool) < len(candidates):
             ctx.log_fields["saturated"] = sorted(ep.id for ep in candidates if ep not in pool)
-        best_match = max(saved_tokens(ep, ctx) for ep in candidates)
-        loads = [request_load(ep) for ep in pool]
-        ctx.scores = {ep.id: self._score(ep, ctx) for ep in pool}
-        if best_match == 0:  # every score is -load cost: the least prefill work ahead wins
-            return Choice(self._best_scored(pool, ctx), DecisionKind.NO_HINT)
-        if self._imbalanced(min(loads), max(loads)):
-            return Choice(self._least_loaded(pool), DecisionKind.BALANCE, f"loads {min(loads)}..{max(loads)}")
-        chosen = self._best_scored(pool, ctx)
-        if saved_tokens(chosen, ctx) >= best_match:
-            return Choice(chosen, DecisionKind.CACHE_HIT)
-        return Choice(chosen, DecisionKind.CACHE_OVERRIDDEN, f"best match {best_match} tokens elsewhere")
+        low = min(request_load(ep) for ep in pool)
+        kept = [ep for ep in pool if not (request_load(ep) - low > cfg.balance_abs_threshold
+                                          and request_load(ep) > cfg.balance_rel_threshold * low)]
+        if len(kept) < len(pool):
+            ctx.log_fields["overloaded"] = sorted(ep.id for ep in pool if ep not in kept)
+        return kept
 
-    def _score(self, ep: Endpoint, ctx: RequestContext) -> float:
-        """cache term - load term; a zero term stays zero whatever its weight (no inf * 0),
-        and a score that is still not a number (inf - inf) ranks last."""
-        cfg = self.config
-        saved, cost = saved_tokens(ep, ctx), load_cost(ep, cfg)
-        score = (cfg.cache_weight * saved if saved else 0.0) - (cfg.load_weight * cost if cost else 0.0)
-        return -math.inf if math.isnan(score) else score
+    def _estimate(self, ep: Endpoint, ctx: RequestContext) -> _Estimate:
+        n = _prompt_tokens(ctx)
+        reuse = min(n, (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0))
+        model = self.model(ep.id)
+        uncached = max(0, n - reuse)
+        queue = model.queue.ahead() + self._foreign_waiting(ep, model)
+        return _Estimate(ep, reuse, uncached, queue, model.speed.predict(uncached))
 
-    def _best_scored(self, pool: Sequence[Endpoint], ctx: RequestContext) -> Endpoint:
-        top = max(ctx.scores[ep.id] for ep in pool)
-        return self._rotate([ep for ep in pool if ctx.scores[ep.id] == top])
+    @staticmethod
+    def _foreign_waiting(ep: Endpoint, model: _EndpointModel) -> float:
+        """Requests waiting at the backend that this gateway did not send (other replicas,
+        direct clients), each costed at the endpoint's typical service time."""
+        waiting = ep.num_requests_waiting or 0
+        foreign = max(0, waiting - model.queue.pending)
+        return foreign * model.speed.predict(256) if foreign else 0.0
 
-    def _imbalanced(self, low: int, high: int) -> bool:
-        cfg = self.config
-        return high - low > cfg.balance_abs_threshold and high > cfg.balance_rel_threshold * low
+    def _within_slo(self, estimates: list[_Estimate], ctx: RequestContext) -> list[_Estimate]:
+        slo = _slo_seconds(ctx.headers.get(self.config.slo_header))
+        if slo is None:
+            return estimates
+        self.slo_requests += 1
+        meeting = [e for e in estimates if e.ttft <= slo]
+        ctx.log_fields["ttft_slo_ms"] = round(slo * 1000, 3)
+        if not meeting:
+            self.slo_unmeetable += 1
+            ctx.log_fields["ttft_slo_unmeetable"] = True
+            return estimates
+        return meeting
 
-    def _least_loaded(self, pool: Sequence[Endpoint]) -> Endpoint:
-        """Fewest requests, then least prefill cost; ties rotate (the balance guard's choice)."""
-        key = {ep.id: (request_load(ep), load_cost(ep, self.config)) for ep in pool}
-        low = min(key.values())
-        return self._rotate([ep for ep in pool if key[ep.id] == low])
+    def _lowest(self, estimates: list[_Estimate], best_reuse: int) -> _Estimate:
+        weight = self.config.duplicate_weight
 
-    def _rotate(self, tied: Sequence[Endpoint]) -> Endpoint:
+        def score(e: _Estimate) -> float:
+            missing = best_reuse - e.reuse
+            dup = weight * missing * self.model(e.endpoint.id).speed.seconds_per_token if missing > 0 else 0.0
+            total = e.ttft + dup
+            return math.inf if math.isnan(total) else total
+
+        scores = [score(e) for e in estimates]
+        top = min(scores)
+        tied = [e for e, s in zip(estimates, scores, strict=True) if s == top]
         if len(tied) == 1:
             return tied[0]
         self._turn += 1
         return tied[self._turn % len(tied)]
+
+    # ---- the attempt's lifecycle: queue accounting and learning --------------------------
+    def dispatched(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        if self._tokens is not None:
+            return
+        estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(endpoint, ctx)
+        model = self.model(endpoint.id)
+        predicted_ttft = model.queue.ahead() + estimate.service
+        end = model.queue.dispatch(estimate.service)
+        ctx[_DISPATCH] = _Dispatch(endpoint.id, estimate.uncached, estimate.service, predicted_ttft,
+                                   self._clock(), end)
+        ctx.log_fields["predicted_ttft_ms"] = round(predicted_ttft * 1000, 3)
+
+    def first_byte(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        sent = ctx.get(_DISPATCH)
+        if sent is None or sent.endpoint != endpoint.id or sent.first_byte_seen:
+            return
+        sent.first_byte_seen = True
+        queue = self.model(endpoint.id).queue
+        if not ctx.stream:
+            # A non-streamed answer's first byte comes after its whole decode: it says
+            # nothing about prefill. Its predicted prefill already decayed from the queue.
+            queue.leave()
+            return
+        sent.observed_service = queue.first_byte(sent.predicted_end, sent.dispatched_at)
+        actual = self._clock() - sent.dispatched_at
+        model = self.model(endpoint.id)
+        model.errors += 1
+        model.abs_error += (abs(actual - sent.predicted_ttft) - model.abs_error) / min(model.errors, 100)
+        ctx.log_fields["ttft_error_ms"] = round((actual - sent.predicted_ttft) * 1000, 3)
+
+    def released(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        sent = ctx.pop(_DISPATCH)
+        if sent is None or sent.endpoint != endpoint.id:
+            return
+        model = self.model(endpoint.id)
+        if not sent.first_byte_seen:
+            model.queue.abandon(sent.predicted_end - self._clock())
+            return
+        if sent.observed_service is None:
+            return
+        usage = ctx.usage
+        uncached = sent.uncached
+        if usage.prompt_tokens is not None and usage.cached_tokens is not None:
+            uncached = max(0, usage.prompt_tokens - usage.cached_tokens)
+        model.speed.observe(uncached, sent.observed_service)
+
+    # ---- what operators see --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "scoring": self.config.scoring,
+            "slo": {"requests": self.slo_requests, "unmeetable": self.slo_unmeetable},
+            "endpoints": {
+                ep: {"prefill_rate_tokens_per_s": round(m.speed.rate, 1),
+                     "overhead_ms": round(m.speed.overhead * 1000, 3), "samples": m.speed.samples,
+                     "queue_ms": round(m.queue.ahead() * 1000, 3), "pending_prefills": m.queue.pending,
+                     "mean_abs_ttft_error_ms": round(m.abs_error * 1000, 3)}
+                for ep, m in sorted(self._models.items())},
+        }
+
+    def gauges(self) -> list[tuple[str, str, float]]:
+        out: list[tuple[str, str, float]] = []
+        for ep, m in sorted(self._models.items()):
+            out += [(ep, "prefill_rate_tokens_per_second", m.speed.rate), (ep, "overhead_seconds", m.speed.overhead),
+                    (ep, "queue_seconds", m.queue.ahead()), (ep, "ttft_abs_error_seconds", m.abs_error)]
+        return out
+
+
+def _prompt_tokens(ctx: RequestContext) -> int:
+    ids = token_ids(ctx)
+    if ids is not None:
+        return len(ids)
+    body = ctx.body
+    return len(body) // CHARS_PER_TOKEN if body else 0
+
+
+def _slo_seconds(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        return None
+    return ms / 1000 if math.isfinite(ms) and ms > 0 else None

@@ -1,4 +1,5 @@
-"""CacheAwarePolicy: table tests of saturation, balance, scoring and decisions."""
+"""The previous cache_aware scoring (`scoring: tokens`, TokenScoring): table tests of
+saturation, balance, scoring and decisions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
 from gateway.config import ClusterConfig, EndpointConfig
 from gateway.endpoints import BackendLoad, Endpoint, build_cluster
 from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from gateway.pickers.token_scoring import TokenScoring
 from gateway.plan import plan_cluster_picker
 from kvkernel.context import RequestContext
 
@@ -95,26 +97,26 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pick(case: Case) -> None:
     endpoints, ctx = build(case)
-    choice = CacheAwarePolicy(case.config).pick(endpoints, ctx)
+    choice = TokenScoring(case.config).pick(endpoints, ctx)
     assert (choice.endpoint.id, choice.kind.value) == (case.expected, case.decision)
     assert set(ctx.scores) <= set(case.endpoints)
 
 
 def test_scores_are_saved_tokens_minus_load_cost() -> None:
     endpoints, ctx = build(Case("", {"a": EP(inflight=2, backlog=100), "b": EP(matched=1024, waiting=1)}, "", ""))
-    CacheAwarePolicy(CFG).pick(endpoints, ctx)
+    TokenScoring(CFG).pick(endpoints, ctx)
     assert ctx.scores == {"a": -(2 * 256 + 100), "b": 1024 - 256}
 
 
 def test_saturated_endpoints_are_logged_and_not_scored() -> None:
     endpoints, ctx = build(Case("", {"a": EP(), "b": EP(kv=0.99, matched=2048)}, "", ""))
-    CacheAwarePolicy(CFG).pick(endpoints, ctx)
+    TokenScoring(CFG).pick(endpoints, ctx)
     assert ctx.log_fields["saturated"] == ["b"] and set(ctx.scores) == {"a"}
 
 
 def test_ties_rotate() -> None:
     endpoints, _ = build(Case("", {"a": EP(), "b": EP(), "c": EP()}, "", ""))
-    policy = CacheAwarePolicy(CFG)
+    policy = TokenScoring(CFG)
     picks = {policy.pick(endpoints, RequestContext(f"r{i}", "POST", "/v1/completions")).endpoint.id
              for i in range(3)}
     assert picks == {"a", "b", "c"}
@@ -125,3 +127,10 @@ def test_short_form_builds_cache_aware_with_its_legacy_block() -> None:
                            cache_aware={"cache_weight": 2.0})
     picker = plan_cluster_picker(config, 0).build()
     assert isinstance(picker, CacheAwarePolicy) and picker.config.cache_weight == 2.0
+    assert picker.config.scoring == "ttft"  # the new default; `scoring: tokens` keeps the old one
+
+
+def test_scoring_tokens_switch_selects_the_previous_scoring() -> None:
+    endpoints, ctx = build(Case("", {"a": EP(inflight=1), "b": EP(inflight=2, matched=1536)}, "", ""))
+    choice = CacheAwarePolicy(CacheAwareConfig(scoring="tokens")).pick(endpoints, ctx)
+    assert (choice.endpoint.id, choice.kind.value, ctx.scores["b"]) == ("b", "cache_hit", 1536 - 2 * 256)

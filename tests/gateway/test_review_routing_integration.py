@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
 from gateway.config import ClusterConfig, EndpointConfig
 from gateway.endpoints import build_cluster
-from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from gateway.pickers.cache_aware import CacheAwareConfig
+from gateway.pickers.token_scoring import TokenScoring
 from kvkernel.context import RequestContext
 from kvkernel.decode import FieldError
 from kvtok.chat_tokens import ChatTokenizer
@@ -36,7 +37,7 @@ def test_infinite_or_nan_weights_never_crash_the_picker(weights: dict[str, float
     ctx = RequestContext("r", "POST", "/v1/completions")
     ctx[TOKENS] = Tokens(list(range(1024)), "request")
     ctx[CACHE_HINTS] = CacheHints(matched_tokens={"a": 768})
-    chosen = CacheAwarePolicy(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx).endpoint
+    chosen = TokenScoring(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx).endpoint
     assert chosen in (a, b) and (expected is None or chosen.id == expected)
     assert not any(math.isnan(score) for score in ctx.scores.values())
 
@@ -85,7 +86,8 @@ async def test_a_client_error_at_the_holder_keeps_the_shared_prefix_affinity(tmp
             assert third.headers["x-kvgate-endpoint"] == holder
         await wait_until(lambda: len(stack.access_log()) == 3, message="three access-log lines")
         line = stack.access_log()[2]
-        assert (line["tier"], line["matched_tokens"], line["decision"]) == ("local-index", {holder: 512}, "cache_hit")
+        assert (line["tier"], line["decision"]) == ("prefix-index", "cache_hit")
+        assert line["matched_tokens"][holder] >= 512
     finally:
         await gateway.close()
         for server in servers.values():

@@ -85,5 +85,5 @@ def test_demo_runs_the_stack_and_summarises_routing(tmp_path: Path, capsys: pyte
     records = [json.loads(line) for line in (tmp_path / "logs" / "access.jsonl").read_text().splitlines()]
     generations = [r for r in records if r["path"].endswith("completions")]
     assert len(generations) == 9 and all(r["status"] == 200 for r in generations)
-    hits = [r for r in generations if r["tier"] == "lmcache"]
+    hits = [r for r in generations if r["tier"] in ("prefix-index", "lmcache")]
     assert hits and all(r["endpoint"] == r["preferred_endpoint"] and r["cached_tokens"] > 0 for r in hits)
