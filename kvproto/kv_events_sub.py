@@ -75,7 +75,9 @@ class KVEventSubscriber:
         self.stats = SubscriberStats()
         self.last_seq = -1  # last seq delivered (or skipped as malformed); -1: none yet
         self._dup_until = -1  # live seqs <= this were already delivered by a catch-up
-        self._dirty = False  # connection dropped since the last delivered batch: reset before the next
+        # The connection dropped: reset when the next one is made. Messages still queued
+        # from the old connection are applied normally before that.
+        self._dirty = False
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -156,12 +158,12 @@ class KVEventSubscriber:
             self.stats.malformed += 1
             log.warning("kv-events: skipping a message: %s", exc)
             return
-        if not self._dirty and seq <= self._dup_until:
+        if seq <= self._dup_until:
             self.stats.duplicates += 1
             return
         self._dup_until = -1
-        if self._dirty or seq <= self.last_seq:
-            self._reset("publisher reconnected" if self._dirty else f"seq went back from {self.last_seq} to {seq}")
+        if seq <= self.last_seq:
+            self._reset(f"seq went back from {self.last_seq} to {seq}")
         if seq > self.last_seq + 1:
             await self._fill(self.last_seq + 1, seq)
         self._deliver(seq, frames[2], replayed=False)
