@@ -1,9 +1,11 @@
 """`KVEventPublisher`: vLLM's ZMQ KV-event publisher (PUB + ROUTER replay), for asyncio programs.
 
 Wire (see `kvproto.kv_events`): PUB multipart `(topic, seq, payload)`, seq from 0
-per publisher start. Replay: a client (REQ, or DEALER sending an empty delimiter
-frame first) sends the 8-byte start seq to the ROUTER socket and receives one
-`(seq, payload)` message per buffered batch with seq >= start, then `(END_SEQ, b"")`.
+per publisher start. Replay: a client (a DEALER sending an empty delimiter frame
+first) sends the 8-byte start seq to the ROUTER socket and receives one
+`(b"", seq, payload)` message per buffered batch with seq >= start, then
+`(b"", END_SEQ, b"")`. A REQ client gets only the first of these messages (its
+state machine wants one reply per request), as with vLLM's publisher.
 
 Why no thread (vLLM uses one): a PUB socket never blocks on send (past the high
 water mark it drops for the slow subscriber, which then replays), and encoding a
