@@ -63,7 +63,7 @@ def add_kv_events_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-events-replay-port", type=int, help="replay ROUTER port (0: any free; absent: none)")
     group.add_argument("--kv-events-topic", default="", help="topic frame of every message")
     group.add_argument("--kv-events-format", choices=EVENT_FORMATS, default="map",
-                       help="event encoding: map (vLLM >= 0.24) or array (older vLLM)")
+                       help="event encoding: map (vLLM after 0.23, PR #42892) or array (vLLM <= 0.23)")
 
 
 def kv_events_config(args: argparse.Namespace, host: str) -> KVEventsConfig | None:
