@@ -120,8 +120,8 @@ class KVEventSubscriber:
         poller.register(self._monitor, zmq.POLLIN)
         while True:
             ready = dict(await poller.poll())
-            # Connection events first: a disconnect must mark the stream before the
-            # new publisher's first message is looked at.
+            # Connection events first: a new connection's reset and catch-up must come
+            # before its first live message is looked at.
             if self._monitor in ready:
                 await self._drain_monitor()
             if self._sub in ready:
