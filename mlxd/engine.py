@@ -49,11 +49,12 @@ class Engine:
     """See the module docstring. `start()` loads the model on the engine thread."""
 
     def __init__(self, cfg: EngineConfig, tokenizer: ChatTokenizer, metrics: DaemonMetrics,
-                 chunk_listener: Any | None = None) -> None:
+                 chunk_listener: Any | None = None, block_events: Any | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.chunk_listener = chunk_listener  # has admit(keys) / evict(keys); thread-safe
+        self.block_events = block_events  # mlxd.block_events.BlockEvents; thread-safe
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.cache: PrefixCache | None = None
@@ -162,7 +163,8 @@ class Engine:
         self._rt = MlxRuntime(self.cfg.model_dir)
         if self._rt.supports_prefix_cache():
             self.cache = PrefixCache(MlxKVCodec(), self.cfg.cache_tokens, self.cfg.cold_cache_tokens,
-                                     on_admit=self._report_admit, on_evict=self._report_evict)
+                                     on_admit=self._report_admit, on_evict=self._report_evict,
+                                     block_events=self.block_events)
         else:
             log.warning("model uses non-standard KV caches: prefix reuse disabled")
         self._bg = self._rt.new_batch_generator(self.cfg.max_running, self.cfg.prefill_step)

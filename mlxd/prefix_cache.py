@@ -15,6 +15,10 @@ Chunk accounting: every full `CHUNK_SIZE`-token chunk of every entry (hot or col
 is reference-counted by its LMCache chunk key; `on_admit` is called with the keys
 that become held and `on_evict` with the keys no entry holds any more.
 
+Block events: with `block_events`, the cache also reports its entries as
+16-token blocks (see `mlxd.block_events`): blocks stored when an entry arrives,
+removed when the last entry holding them is dropped, all cleared by `clear`.
+
 Not thread-safe: one owner (the MLX engine thread) calls every method. The KV
 representation is opaque here; a `KVCodec` slices, packs and unpacks it.
 """
@@ -24,12 +28,13 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from kvproto.chunks import chunk_keys
+from mlxd.block_events import BlockEvents, BlockTracker
 
 KV = Any  # one sequence's per-layer (keys, values) arrays, opaque to this module
 
@@ -48,6 +53,7 @@ class Entry:
     kv: KV | None = None  # hot
     blob: bytes | None = None  # cold (compressed)
     pinned: bool = False
+    blocks: list[int] = field(default_factory=list)  # block hashes, for BlockTracker.remove
 
     @property
     def size(self) -> int:
@@ -85,7 +91,8 @@ class PrefixCache:
 
     def __init__(self, codec: KVCodec, capacity_tokens: int, cold_capacity_tokens: int = 0,
                  on_admit: Callable[[list[int]], None] | None = None,
-                 on_evict: Callable[[list[int]], None] | None = None) -> None:
+                 on_evict: Callable[[list[int]], None] | None = None,
+                 block_events: BlockEvents | None = None) -> None:
         if capacity_tokens < 0 or cold_capacity_tokens < 0:
             raise ValueError("cache capacities must be >= 0")
         self.codec = codec
@@ -97,6 +104,7 @@ class PrefixCache:
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # LRU first
         self._ids = itertools.count()
         self._refs: dict[int, int] = {}
+        self._blocks = BlockTracker(block_events)
 
     # ---- queries -------------------------------------------------------------------
 
@@ -170,7 +178,8 @@ class PrefixCache:
         """Drop every entry, pinned ones included; returns the tokens dropped."""
         total = sum(e.size for e in self._entries.values())
         for eid in list(self._entries):
-            self._drop(eid)
+            self._drop(eid, announce_blocks=False)
+        self._blocks.clear()
         return total
 
     def compress(self, tokens: Sequence[int] | None = None) -> int:
@@ -208,6 +217,7 @@ class PrefixCache:
     def _add(self, entry: Entry) -> int:
         eid = next(self._ids)
         self._entries[eid] = entry
+        entry.blocks = self._blocks.add(entry.tokens.tolist())
         self.stats.hot_tokens += entry.size
         fresh = []
         for key in entry.keys:
@@ -219,8 +229,10 @@ class PrefixCache:
             self.on_admit(fresh)
         return eid
 
-    def _drop(self, eid: int) -> None:
+    def _drop(self, eid: int, announce_blocks: bool = True) -> None:
         entry = self._entries.pop(eid)
+        if announce_blocks:
+            self._blocks.remove(entry.blocks)
         if entry.kv is not None:
             self.stats.hot_tokens -= entry.size
         else:

@@ -2,9 +2,13 @@
 
     kvgate mlx-serve --model DIR --id ID --port P [--host 127.0.0.1]
         [--lmcache-controller HOST --lmcache-ports '{"pull":..,"reply":..,"heartbeat":..}']
+        [--kv-events-port P [--kv-events-replay-port R]]
 
 The server listens at once; `/health` answers 503 until the engine thread has
-loaded the model, then 200. The LMCache instance id is `--id`.
+loaded the model, then 200. The LMCache instance id is `--id`. With
+`--kv-events-port` the prefix cache is also published as vLLM-format KV events
+(16-token blocks, see `mlxd.block_events`); `GET /kvgate/kv-events` tells the
+bound ports (see `kvproto.kv_events_app`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvproto.kv_events_app import (
+    KVEventsConfig,
+    KVEventSink,
+    add_kv_events_args,
+    kv_events_config,
+    setup_kv_events,
+)
 from kvtok.chat_tokens import ChatTokenizer
 from mlxd import handlers
+from mlxd.block_events import BLOCK_SIZE
 from mlxd.engine import Engine
 from mlxd.engine_types import EngineConfig
 from mlxd.handlers import DAEMON, Daemon
@@ -46,6 +58,7 @@ class ServeOptions:
     lmcache_location: str = "LocalCPUBackend"
     lmcache_worker_port: int = 0
     lmcache_worker_ip: str = "127.0.0.1"
+    kv_events: KVEventsConfig | None = None
 
 
 def create_app(opts: ServeOptions) -> web.Application:
@@ -55,7 +68,8 @@ def create_app(opts: ServeOptions) -> web.Application:
     metrics = DaemonMetrics(info.name)
     cfg = EngineConfig(opts.model, info.eos_token_ids, opts.max_running, opts.max_waiting,
                        opts.prefill_step, opts.cache_tokens, opts.cold_cache_tokens)
-    engine = Engine(cfg, tokenizer, metrics)
+    events = KVEventSink(BLOCK_SIZE)
+    engine = Engine(cfg, tokenizer, metrics, block_events=events if opts.kv_events else None)
     daemon = Daemon(engine, tokenizer, info, metrics, opts.instance_id)
     if opts.lmcache_controller:
         from mlxd.control import make_reporter
@@ -77,6 +91,7 @@ def create_app(opts: ServeOptions) -> web.Application:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/cache/stats", handlers.cache_stats)
+    setup_kv_events(app, opts.kv_events, events)
     return app
 
 
@@ -149,15 +164,20 @@ def parse_args(argv: Sequence[str]) -> tuple[ServeOptions, str, int]:
     p.add_argument("--lmcache-worker-port", type=int, default=0, help="control REP port (0: any free)")
     p.add_argument("--lmcache-worker-ip", default="127.0.0.1",
                    help="IP the control REP socket binds and the controller dials")
+    add_kv_events_args(p)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(list(argv))
     if a.lmcache_controller and a.lmcache_ports is None:
         p.error("--lmcache-controller needs --lmcache-ports")
+    try:
+        kv_events = kv_events_config(a, a.host)
+    except ValueError as exc:
+        p.error(str(exc))
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = ServeOptions(a.model, a.id or f"mlx-{a.port}", a.served_model_name, a.max_running,
                         a.max_waiting, a.prefill_step, a.cache_tokens, a.cold_cache_tokens,
                         a.lmcache_controller, a.lmcache_ports, a.lmcache_location, a.lmcache_worker_port,
-                        a.lmcache_worker_ip)
+                        a.lmcache_worker_ip, kv_events)
     return opts, a.host, a.port
 
 

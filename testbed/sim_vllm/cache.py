@@ -14,6 +14,11 @@ LMCache view: when `chunk_keys` is given, a block ending at a multiple of
 `chunk_size` carries that chunk's LMCache key; the cache calls `on_admit` with
 the keys of chunks that became fully cached and `on_evict` with the keys of
 chunks that stopped being so.
+
+KV-event view: `block_events` (e.g. `kvproto.kv_events_app.KVEventSink`) hears
+`stored(hashes, parent, tokens)` when `insert` adds a run of blocks,
+`removed(hashes)` when blocks are evicted or dropped, and `cleared()` when `clear`
+empties the cache. Stored and removed name blocks by the same hashes.
 """
 
 from __future__ import annotations
@@ -21,9 +26,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 KeysCallback = Callable[[list[int]], None]
 ChunkKeysFn = Callable[[Sequence[int]], list[int]]
+
+
+class BlockEvents(Protocol):
+    def stored(self, hashes: Sequence[int], parent: int | None, tokens: Sequence[int]) -> None: ...
+    def removed(self, hashes: Sequence[int]) -> None: ...
+    def cleared(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -50,7 +62,7 @@ class Lease:
 class PrefixCache:
     def __init__(self, block_size: int = 16, capacity_blocks: int = 8192, *, chunk_size: int = 256,
                  chunk_keys: ChunkKeysFn | None = None, on_admit: KeysCallback | None = None,
-                 on_evict: KeysCallback | None = None) -> None:
+                 on_evict: KeysCallback | None = None, block_events: BlockEvents | None = None) -> None:
         if block_size < 1 or chunk_size % block_size:
             raise ValueError(f"block_size must divide the LMCache chunk size {chunk_size}, got {block_size}")
         if capacity_blocks < 1:
@@ -61,6 +73,7 @@ class PrefixCache:
         self._chunk_keys = chunk_keys
         self._on_admit = on_admit
         self._on_evict = on_evict
+        self._events = block_events
         self._blocks: OrderedDict[int, Block] = OrderedDict()  # LRU first
         self.evictions = 0
 
@@ -107,10 +120,14 @@ class PrefixCache:
         self._refresh(lease.hashes)
         return lease
 
-    def insert(self, lease: Lease, hashes: Sequence[int], tokens: Sequence[int]) -> None:
-        """After prefill: add the prompt's missing blocks to the lease (and cache) while room allows."""
+    def insert(self, lease: Lease, hashes: Sequence[int], tokens: Sequence[int]) -> list[int]:
+        """When prefill starts: add the prompt's missing blocks to the lease (and cache) while room allows.
+
+        Returns the hashes of the blocks it created (one consecutive run), for `discard`.
+        """
         keys = self._chunk_keys(tokens) if self._chunk_keys is not None and len(tokens) >= self.chunk_size else []
         admitted: list[int] = []
+        created: list[int] = []
         for i in range(len(lease.hashes), len(hashes)):
             block = self._blocks.get(hashes[i])
             if block is None:
@@ -125,11 +142,23 @@ class PrefixCache:
                     self._blocks[parent].children.add(block.hash)
                 if chunk_key is not None:
                     admitted.append(chunk_key)
+                created.append(block.hash)
             block.refs += 1
             lease.hashes.append(block.hash)
         self._refresh(lease.hashes)
+        if created and self._events is not None:
+            first = (self._blocks[created[0]].end // self.block_size) - 1
+            parent = hashes[first - 1] if first else None
+            end = (first + len(created)) * self.block_size
+            self._events.stored(created, parent, tokens[first * self.block_size:end])
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
+        return created
+
+    def discard(self, hashes: Sequence[int]) -> int:
+        """Drop blocks (and descendants) that no running request references, e.g. a cancelled prefill's."""
+        idle = [h for h in hashes if h in self._blocks and not self._blocks[h].refs]
+        return self._drop(idle)
 
     def release(self, lease: Lease) -> None:
         for h in lease.hashes:
@@ -151,25 +180,30 @@ class PrefixCache:
             self._drop([victim.hash])
         return True
 
-    def _drop(self, roots: Iterable[int]) -> int:
-        """Remove blocks and their descendants; report lost chunk keys. Returns blocks removed."""
+    def _drop(self, roots: Iterable[int], *, notify: bool = True) -> int:
+        """Remove blocks and their descendants; report lost chunk keys (and, if `notify`, the blocks).
+
+        Returns blocks removed.
+        """
         evicted: list[int] = []
         stack = list(roots)
-        removed = 0
+        removed: list[int] = []
         while stack:
             block = self._blocks.pop(stack.pop(), None)
             if block is None:
                 continue
-            removed += 1
+            removed.append(block.hash)
             stack.extend(block.children)
             if block.parent is not None and block.parent in self._blocks:
                 self._blocks[block.parent].children.discard(block.hash)
             if block.chunk_key is not None:
                 evicted.append(block.chunk_key)
-        self.evictions += removed
+        self.evictions += len(removed)
+        if removed and notify and self._events is not None:
+            self._events.removed(removed)
         if evicted and self._on_evict is not None:
             self._on_evict(evicted)
-        return removed
+        return len(removed)
 
     def _walk(self, tokens: Sequence[int]) -> list[Block]:
         hashes = self.block_hashes(tokens)
@@ -192,10 +226,12 @@ class PrefixCache:
     def clear(self) -> int:
         """Drop every block not in use by a running request (pins included); returns tokens dropped."""
         idle = [b.hash for b in self._blocks.values() if not b.refs]
-        removed = 0
-        for h in idle:
-            if h in self._blocks:
-                removed += self._drop([h])
+        removed = self._drop(idle, notify=False)
+        if self._events is not None:  # an emptied cache is announced as such, like vLLM's prefix-cache reset
+            if not self._blocks:
+                self._events.cleared()
+            elif removed:
+                self._events.removed(idle)
         return removed * self.block_size
 
     def evict_prefix(self, tokens: Sequence[int]) -> int:

@@ -1,7 +1,10 @@
-"""`kvgate sim-vllm --id ID --port P [--host 127.0.0.1] [--lmcache-controller HOST --lmcache-ports JSON]`.
+"""`kvgate sim-vllm --id ID --port P [--host 127.0.0.1] [--lmcache-controller HOST --lmcache-ports JSON]
+[--kv-events-port P [--kv-events-replay-port R]]`.
 
 Runs one simulated vLLM backend. Every rate and size is a flag, so one machine
-can run a fleet; `--help` lists them with their defaults.
+can run a fleet; `--help` lists them with their defaults. With `--kv-events-port`
+it publishes vLLM-format KV events for its prefix cache; `GET /kvgate/kv-events`
+tells the bound ports (see `kvproto.kv_events_app`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from kvproto.chunks import CHUNK_SIZE, chunk_keys
+from kvproto.kv_events_app import KVEventSink, add_kv_events_args, kv_events_config, setup_kv_events
 from testbed.sim_vllm.cache import PrefixCache
 from testbed.sim_vllm.engine import Engine, EngineConfig
 from testbed.sim_vllm.reporting import ChunkSink, ControllerConfig, reporting_ctx
@@ -43,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens/s to restore compressed blocks on a hit")
     p.add_argument("--base-latency-ms", type=float, default=DEFAULTS.base_latency * 1000,
                    help="fixed ms added to every prefill")
+    p.add_argument("--decode-batch-penalty", type=float, default=DEFAULTS.decode_batch_penalty,
+                   help="TPOT grows by this fraction per extra running sequence")
     p.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len)
     p.add_argument("--lmcache-controller", metavar="HOST", help="LMCache controller host to report chunks to")
     p.add_argument("--lmcache-ports", metavar="JSON", help='controller monitor ports: {"pull":P,"reply":R,"heartbeat":H}')
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the control REP socket binds and the controller connects to")
     p.add_argument("--lmcache-worker-port", type=int, default=0, help="control REP port (0: any free)")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats")
+    add_kv_events_args(p)
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -77,14 +84,18 @@ def build_app(args: argparse.Namespace) -> web.Application:
                           max_num_seqs=args.max_num_seqs, prefill_slots=args.prefill_slots,
                           prefill_rate=args.prefill_rate, decode_rate=args.decode_rate,
                           decompress_rate=args.decompress_rate, base_latency=args.base_latency_ms / 1000,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, decode_batch_penalty=args.decode_batch_penalty)
     controller = _controller(args)
+    events_config = kv_events_config(args, args.host)
     sink = ChunkSink()
+    events = KVEventSink(config.block_size)
     cache = PrefixCache(config.block_size, config.capacity_blocks, chunk_size=CHUNK_SIZE,
-                        chunk_keys=chunk_keys if controller else None, on_admit=sink.admit, on_evict=sink.evict)
+                        chunk_keys=chunk_keys if controller else None, on_admit=sink.admit, on_evict=sink.evict,
+                        block_events=events)
     tokenizer = load_tokenizer(args.model, args.vocab_size)
     model = args.served_model_name or (args.model.resolve().name if args.model else "sim-vllm")
     app = make_app(Engine(config, tokenizer, cache), model=model, instance_id=args.id, sink=sink)
+    setup_kv_events(app, events_config, events)
     if controller is not None:
         app.cleanup_ctx.append(reporting_ctx(controller, args.id, cache, sink))
     return app

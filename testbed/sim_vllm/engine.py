@@ -6,11 +6,18 @@ Timing model (all rates are flags, see `EngineConfig`):
   waits it counts in `num_requests_waiting`, afterwards in `num_requests_running`.
 - Prefill runs in one of `prefill_slots` slots (default 1: prefill is
   compute-bound, so concurrent prefills queue). Inside the slot the prefix cache
-  is consulted, then the engine sleeps `base_latency + uncached / prefill_rate`
-  (plus `decompressed / decompress_rate` for compressed blocks it had to restore)
-  and caches the prompt's full blocks.
-- TTFT = queueing + prefill; the first token is emitted at TTFT, token i at
-  TTFT + i / decode_rate.
+  is consulted and the prompt's missing full blocks are added to it at once (as
+  vLLM caches blocks when it schedules their computation: this is when their KV
+  events are published), then the engine sleeps `base_latency + uncached /
+  prefill_rate` (plus `decompressed / decompress_rate` for compressed blocks it
+  had to restore). A prefill cancelled midway drops the blocks it added.
+- TTFT = queueing + prefill; the first token is emitted at TTFT.
+- Decode slows down with the batch: each further token takes
+  `tpot(running) = (1 / decode_rate) * (1 + decode_batch_penalty * (running - 1))`
+  seconds, `running` being the sequences holding a slot when the token is
+  scheduled (the same count as `vllm:num_requests_running`). With the default
+  penalty 0.05, 8 running sequences make every token 35% slower, 16 make it 75%
+  slower: piling every request of a hot prefix onto one replica costs decode time.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class EngineConfig:
     decode_rate: float = 100.0  # tokens/s per sequence
     decompress_rate: float = 200000.0  # tokens/s
     base_latency: float = 0.0  # s added to every prefill
+    decode_batch_penalty: float = 0.05  # TPOT growth per extra running sequence, see tpot()
     max_model_len: int = 8192
 
     def __post_init__(self) -> None:
@@ -50,6 +58,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.base_latency < 0:
             raise ValueError(f"base_latency must be >= 0, got {self.base_latency}")
+        if self.decode_batch_penalty < 0:
+            raise ValueError(f"decode_batch_penalty must be >= 0, got {self.decode_batch_penalty}")
+
+    def tpot(self, running: int) -> float:
+        """Seconds per output token with `running` sequences decoding together (running >= 1)."""
+        return (1 + self.decode_batch_penalty * (max(1, running) - 1)) / self.decode_rate
 
 
 @dataclass(slots=True)
@@ -136,10 +150,12 @@ class Engine:
             result.ttft_s = loop.time() - start
             self.stats.ttft.observe(result.ttft_s)
             rng = random.Random(hash(tuple(prompt[-64:])) ^ len(prompt))
-            first = loop.time()
+            due = loop.time()
             for i, token in enumerate(self.tokenizer.sample(rng, max_tokens)):
                 if i:
-                    await asyncio.sleep(max(0.0, first + i / self.config.decode_rate - loop.time()))
+                    # Scheduled from the previous token's due time, so event-loop lag does not accumulate.
+                    due += self.config.tpot(self.stats.running)
+                    await asyncio.sleep(max(0.0, due - loop.time()))
                 result.output_tokens += 1
                 self.stats.generation_tokens += 1
                 yield token
@@ -155,6 +171,7 @@ class Engine:
         hashes = self.cache.block_hashes(prompt)
         async with self._prefill_slots:
             lease = self.cache.acquire(hashes, len(prompt))
+            created: list[int] = []
             try:
                 cached = lease.hit_blocks * self.cache.block_size
                 result.cached_tokens = cached
@@ -164,10 +181,11 @@ class Engine:
                 cfg = self.config
                 delay = (cfg.base_latency + (len(prompt) - cached) / cfg.prefill_rate
                          + lease.decompressed_tokens / cfg.decompress_rate)
+                created = self.cache.insert(lease, hashes, prompt)
                 await asyncio.sleep(delay)
-                self.cache.insert(lease, hashes, prompt)
             except BaseException:
                 self.cache.release(lease)
+                self.cache.discard(created)
                 raise
         return lease
 

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE ending in
 `data: [DONE]`), POST /tokenize, POST /detokenize, GET /v1/models, GET /health,
-GET /metrics, GET /version. Testbed extras: GET /sim/state (engine and cache
+GET /metrics, GET /version, POST /reset_prefix_cache (vLLM's dev endpoint: drops
+every cached block no running request uses). Testbed extras: GET /sim/state (engine and cache
 counters) and POST /sim/health {"healthy": bool} to make /health answer 503.
 Errors use the OpenAI shape; a bad request never stops the server.
 """
@@ -205,6 +206,11 @@ def _reporter_stats(app: web.Application) -> dict[str, int] | None:
     return {**reporter.stats, "registered": int(reporter.registered)}
 
 
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    request.app[ENGINE].cache.clear()
+    return web.Response(status=200)
+
+
 async def sim_health(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body.get("healthy"), bool):
@@ -230,6 +236,7 @@ def make_app(engine: Engine, *, model: str, instance_id: str, sink: ChunkSink | 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/version", version)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/sim/state", sim_state)
     app.router.add_post("/sim/health", sim_health)
     return app
