@@ -16,6 +16,7 @@ from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.exchange import Exchange
+from gateway.kv_feed import KVEventFeed
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import EndpointMonitor
 from gateway.plan import GatewayPlan, plan_gateway
@@ -42,6 +43,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     app.cleanup_ctx.append(_clients(state))
     app.cleanup_ctx.append(_filters(state, plan.filters))
     app.cleanup_ctx.append(_background(state))  # drains before the filters and clients close
+    app.cleanup_ctx.append(_kv_feed(state))
     if monitor:
         app.cleanup_ctx.append(_monitor(state))
     app.router.add_get("/healthz", handlers.healthz)
@@ -94,6 +96,16 @@ def _background(state: GatewayState):  # type: ignore[no-untyped-def]
         state.background.start()
         yield
         await state.background.close(timeout=state.config.server.drain_timeout)
+
+    return ctx
+
+
+def _kv_feed(state: GatewayState):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        feed = state.kv_feed = KVEventFeed(state.clusters.all_endpoints(), state.prefix_index)
+        await feed.start()
+        yield
+        await feed.close()
 
     return ctx
 

@@ -38,6 +38,8 @@ async def status(request: web.Request) -> web.Response:
         "draining": state.draining,
         "endpoints": [e.snapshot() for e in state.clusters.all_endpoints()],
         "pickers": {name: {"type": p.type_name, "state": p.status()} for name, p in state.pickers.items()},
+        "prefix_index": state.prefix_index.stats(),
+        "kv_events": state.kv_feed.status() if state.kv_feed is not None else {},
         "background": {"submitted": bg.submitted, "dropped": bg.dropped, "completed": bg.completed,
                        "failed": bg.failed} if bg else None,
     })
@@ -46,6 +48,7 @@ async def status(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     state.metrics.refresh_endpoints(state.clusters)
+    state.metrics.refresh_pickers(state.pickers)
     if state.background is not None:
         state.metrics.background_dropped.set(state.background.stats.dropped)
     body = generate_latest(state.metrics.registry)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.endpoints import ClusterRegistry
+from gateway.pickers.base import Picker
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
 
@@ -33,6 +35,9 @@ class GatewayMetrics:
                              ["endpoint"], registry=r)
         self.breaker = Gauge("kvgate_endpoint_breaker_state", "0 closed, 1 half-open, 2 open",
                              ["endpoint"], registry=r)
+        self.picker_learned = Gauge("kvgate_picker_learned", "What a picker learned per endpoint (see `name`): "
+                                    "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
+                                    "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r)
         self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
                                         registry=r)
 
@@ -55,6 +60,11 @@ class GatewayMetrics:
             self.child(self.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
         if ctx.retries:
             self.child(self.retries, cluster).inc(ctx.retries)
+
+    def refresh_pickers(self, pickers: Mapping[str, Picker]) -> None:
+        for cluster, picker in pickers.items():
+            for endpoint, name, value in picker.gauges():
+                self.picker_learned.labels(cluster, endpoint, name).set(value)
 
     def refresh_endpoints(self, clusters: ClusterRegistry) -> None:
         """Copy live endpoint state into gauges (called when /metrics is scraped)."""

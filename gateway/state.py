@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import Cluster, ClusterRegistry
+from gateway.kv_feed import KVEventFeed
 from gateway.metrics import GatewayMetrics
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
@@ -24,6 +25,7 @@ class GatewayState:
     metrics: GatewayMetrics
     routes: list[tuple[str, str]]  # (path prefix, cluster name), longest prefix first
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
+    kv_feed: KVEventFeed | None = None
     background: BackgroundQueue | None = None
     http: httpx.AsyncClient | None = None
     session: aiohttp.ClientSession | None = None
