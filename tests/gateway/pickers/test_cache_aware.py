@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,6 +13,7 @@ from gateway.endpoints import BackendLoad, Endpoint, build_cluster
 from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from gateway.plan import plan_cluster_picker
 from kvkernel.context import RequestContext
+from kvkernel.decode import FieldError
 
 CFG = CacheAwareConfig(cache_weight=1.0, load_weight=1.0, balance_abs_threshold=16, balance_rel_threshold=1.5,
                        max_waiting=8, max_kv_usage=0.9, prefill_tokens_per_request=256)
@@ -125,3 +127,25 @@ def test_short_form_builds_cache_aware_with_its_legacy_block() -> None:
                            cache_aware={"cache_weight": 2.0})
     picker = plan_cluster_picker(config, 0).build()
     assert isinstance(picker, CacheAwarePolicy) and picker.config.cache_weight == 2.0
+
+
+@pytest.mark.parametrize("weights,expected", [
+    ({"cache_weight": math.inf}, "a"),       # "pure affinity": inf * 0 saved tokens must not be NaN
+    ({"load_weight": math.inf}, "b"),        # "pure load": inf * 0 cost must not be NaN
+])
+def test_infinite_or_nan_weights_never_crash_the_picker(weights: dict[str, float], expected: str | None) -> None:
+    cluster = build_cluster(ClusterConfig("llm", [EndpointConfig("a", "http://127.0.0.1:9001"),
+                                                  EndpointConfig("b", "http://127.0.0.1:9002")]))
+    a, b = cluster.endpoints
+    a.inflight = 1
+    ctx = RequestContext("r", "POST", "/v1/completions")
+    ctx[TOKENS] = Tokens(list(range(1024)), "request")
+    ctx[CACHE_HINTS] = CacheHints(matched_tokens={"a": 768})
+    chosen = CacheAwarePolicy(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx).endpoint
+    assert chosen in (a, b) and (expected is None or chosen.id == expected)
+    assert not any(math.isnan(score) for score in ctx.scores.values())
+
+
+def test_nan_weights_are_rejected_by_the_config() -> None:
+    with pytest.raises(FieldError):
+        CacheAwareConfig(cache_weight=math.nan)
