@@ -30,7 +30,10 @@ from testbed.stack import ROOT, Rewriter, sigterm_unwinds
 CONFIG = ROOT / "configs" / "demo.yaml"
 # Ports written in configs/demo.yaml; the demo maps each to a free one.
 PORTS = {"gateway": 8888, "lmcache": 9000, "pull": 9001, "reply": 9002, "heartbeat": 9003,
-         "mlx-a": 8101, "mlx-b": 8102, "sim-1": 8103}
+         "mlx-a": 8101, "mlx-b": 8102, "sim-1": 8103,
+         # KV-event publishers (PUB, replay ROUTER) of each engine, followed by the gateway
+         "mlx-a-events": 5561, "mlx-a-replay": 5562, "mlx-b-events": 5563, "mlx-b-replay": 5564,
+         "sim-1-events": 5565, "sim-1-replay": 5566}
 TENANTS = ("a legal assistant that cites statutes", "a support agent for a cloud database",
            "a tutor for first-year physics")
 
@@ -80,13 +83,18 @@ class Demo:
         controller = ["--lmcache-controller", "127.0.0.1", "--lmcache-ports", monitor]
         for name in ("mlx-a", "mlx-b"):
             self._start(name, ["mlx-serve", "--model", str(self.model_dir), "--id", name,
-                               "--port", str(self.ports[name]), *controller], self.url(name) + "/health")
+                               "--port", str(self.ports[name]), *controller, *self._events(name)],
+                        self.url(name) + "/health")
         if self.with_sim:
             self._start("sim-1", ["sim-vllm", "--model", str(self.model_dir), "--id", "sim-1", "--port",
                                   str(self.ports["sim-1"]), "--prefill-rate", "4000", "--decode-rate", "100",
-                                  *controller], self.url("sim-1") + "/health")
+                                  *controller, *self._events("sim-1")], self.url("sim-1") + "/health")
         self._start("gateway", ["serve", "-c", str(self._gateway_config())], self.url("gateway") + "/healthz")
         print("demo: stack up:", ", ".join(f"{p.name} :{self.ports[p.name]}" for p in self.procs))
+
+    def _events(self, engine: str) -> list[str]:
+        return ["--kv-events-port", str(self.ports[f"{engine}-events"]),
+                "--kv-events-replay-port", str(self.ports[f"{engine}-replay"])]
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import Sequence
 
 from filters.cache_manager import CacheManager, PrefixTracker
@@ -205,4 +206,62 @@ async def test_background_jobs_never_block_each_other() -> None:
     assert control.calls == []
     gate.set()
     await wait_until(lambda: control.calls == [("pin", "inst-a", 512)], message="slow pin")
+    await queue.close()
+
+
+async def test_a_permanently_failing_pin_backs_off_instead_of_running_every_round() -> None:
+    clock = Clock()
+    manager, control, queue, outcomes = await make(clock)
+    control.fail = True
+    serve(manager, clock, 3)
+    for _ in range(40):  # 40 rounds, one interval apart
+        await manager.maybe_run([], 0.0)
+        await wait_until(lambda: queue.pending() == 0 and not manager.busy, message="round done")
+        clock.now += CFG.interval
+    failures = outcomes.count(("pin", "failed"))
+    assert 3 <= failures <= 7, outcomes  # rounds 0, 1, 3, 7, 15, 31: not 40
+    control.fail = False
+    clock.now += 300 * CFG.interval
+    serve(manager, clock, 3)  # hot again
+    await manager.maybe_run([], 0.0)
+    await wait_until(lambda: outcomes[-1] == ("pin", "ok"), message="pin succeeds once the controller is back")
+    assert not manager.tracker.backoff
+    await queue.close()
+
+
+def test_hit_tracker_keeps_prompt_tokens_compactly() -> None:
+    """10 000 tracked prefixes each pinned a Python list of the request's ids (~36 B a
+    token): ~90 MB at the defaults. Kept as 4-byte ids it is about a ninth."""
+    tracker = PrefixTracker(CacheStrategyConfig(enable_pinning=True, max_tracked_prefixes=10_000))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for r in range(20):
+            tokens = [100_000 + r * 10_000 + t for t in range(4096)]  # ids > 256 are separate int objects
+            tracker.record(prompt_chunk_keys(tokens), tokens, "inst-a", float(r))
+            del tokens
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(tracker) == 20 * 16
+    assert grown < 20 * 4096 * 12, grown  # a list of fresh ints costs ~36 B a token
+    assert tracker.prefix_tokens(next(iter(tracker._entries)))[:3] == [100_000, 100_001, 100_002]
+
+
+async def test_an_evict_that_cleared_the_whole_location_is_not_repeated_for_every_prefix() -> None:
+    """Real LMCache has no /evict: the `clear` fallback drops everything the instance
+    holds at that location. Twelve cold prefixes must not mean twelve clears."""
+    clock = Clock()
+    manager, control, queue, outcomes = await make(clock)
+    control.evict_outcome = "cleared"
+    for i in range(12):
+        tokens = [50_000 + i * 1000 + t for t in range(300)]
+        manager.record(prompt_chunk_keys(tokens), tokens, "inst-a")
+    clock.now += CFG.cold_after + 1
+    for _ in range(3):
+        await manager.maybe_run([InstanceLoad("inst-a", 0.0, 0.99)], 0.0)
+        await wait_until(lambda: queue.pending() == 0 and not manager.busy, message="round done")
+        clock.now += CFG.interval
+    assert [c[0] for c in control.calls] == ["evict"]
+    assert outcomes.count(("evict", "cleared")) == 1 and ("evict", "already_cleared") in outcomes
     await queue.close()

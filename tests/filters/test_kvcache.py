@@ -3,98 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import httpx
 import pytest
 import respx
-from prometheus_client import CollectorRegistry
 
-from filters.base import ResponseHead, Services
-from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
-from filters.kvcache import KVCacheFilter
-from filters.registry import build_filters, plan_filters
-from gateway.background import BackgroundQueue
-from gateway.config import ClusterConfig, EndpointConfig, FilterSpec
-from gateway.endpoints import ClusterRegistry, build_cluster
-from kvkernel.context import RequestContext
+from filters.base import ResponseHead
+from filters.keys import CACHE_HINTS, CacheHints
+from filters.registry import plan_filters
+from gateway.config import FilterSpec
 from kvkernel.decode import ConfigError
 from tests.conftest import wait_until
-
-CTL = "http://127.0.0.1:9999"
-PROMPT = list(range(100, 100 + 1100))  # four full chunks + a partial one
-
-
-@dataclass
-class Rig:
-    filter: KVCacheFilter
-    clusters: ClusterRegistry
-    metrics: CollectorRegistry
-    router: respx.MockRouter
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.metrics.get_sample_value(name, labels or {}) or 0.0
-
-
-def _clusters() -> ClusterRegistry:
-    endpoints = [EndpointConfig("a", "http://127.0.0.1:8101", lmcache_instance_id="inst-a"),
-                 EndpointConfig("b", "http://127.0.0.1:8102"),
-                 EndpointConfig("c", "http://127.0.0.2:8103")]
-    other = [EndpointConfig("z", "http://127.0.0.1:8199")]
-    return ClusterRegistry([build_cluster(ClusterConfig("llm", endpoints)),
-                            build_cluster(ClusterConfig("other", other))])
-
-
-@pytest.fixture
-async def make_rig() -> AsyncIterator[Any]:
-    opened: list[tuple[Rig, BackgroundQueue, httpx.AsyncClient]] = []
-
-    async def make(config: dict[str, Any], routes: Any = None) -> Rig:
-        router = respx.mock(base_url=CTL, assert_all_called=False)
-        if routes is not None:
-            routes(router)
-        router.start()
-        http = httpx.AsyncClient()
-        queue = BackgroundQueue(64)
-        queue.start()
-        clusters = _clusters()
-        registry = CollectorRegistry()
-        services = Services(clusters=clusters, background=queue, http=http, metrics=registry)
-        (kv,) = build_filters(plan_filters([FilterSpec("kvcache", config=config)]), services)
-        assert isinstance(kv, KVCacheFilter)
-        await kv.start()
-        rig = Rig(kv, clusters, registry, router)
-        opened.append((rig, queue, http))
-        return rig
-
-    yield make
-    for rig, queue, http in opened:
-        await queue.close()
-        await rig.filter.close()
-        await http.aclose()
-        rig.router.stop()
-
-
-def ctx_for(tokens: list[int] | None = PROMPT, cluster: str = "llm") -> RequestContext:
-    ctx = RequestContext("r", "POST", "/v1/completions")
-    ctx.cluster = cluster
-    if tokens is not None:
-        ctx[TOKENS] = Tokens(tokens, "request")
-    return ctx
-
-
-async def complete(kv: KVCacheFilter, endpoint: str, tokens: list[int] = PROMPT, status: int = 200) -> None:
-    ctx = ctx_for(tokens)
-    await kv.on_request(ctx)
-    ctx.endpoint, ctx.status = endpoint, status
-    ctx.ttfb_ms = 5.0 if status == 200 else None
-    await kv.on_complete(ctx)
-
-
-def layout(**entries: tuple[str, int]) -> httpx.Response:
-    return httpx.Response(200, json={"event_id": "e1", "layout_info": {k: list(v) for k, v in entries.items()}})
+from tests.filters.kvcache_rig import CTL, PROMPT, _endpoint, complete, ctx_for, layout
 
 
 async def test_lookup_hit_maps_instances_to_cluster_endpoints(make_rig: Any) -> None:
@@ -299,3 +221,59 @@ async def test_rejected_background_actions_do_not_open_the_lookup_breaker(make_r
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
     assert ctx[CACHE_HINTS].tier == "lmcache" and ctx[CACHE_HINTS].matched_tokens == {"b": 512}
+
+
+async def test_hints_never_prefer_an_ejected_endpoint(make_rig: Any) -> None:
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    rig.router.post("/lookup").mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", 1024),
+                                                           "b": ("LocalCPUBackend", 512)}))
+    _endpoint(rig, "a").set_healthy(False)
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx[CACHE_HINTS].matched_tokens == {"a": 1024, "b": 512}
+    assert ctx[CACHE_HINTS].preferred_endpoint == "b"  # the proxy honours it for non-cache_aware policies
+
+
+@pytest.mark.parametrize("config,error", [
+    ({"lmcache_endpoint": CTL, "instance_map": "query_instance", "instance_map_refresh": "0s"},
+     "config.instance_map_refresh: must be > 0"),
+    ({"lmcache_endpoint": "http://"}, "config.lmcache_endpoint: must be an http(s) URL with a host"),
+    ({"lmcache_endpoint": "http://127.0.0.1:99999"}, "config.lmcache_endpoint: must be an http(s) URL"),
+    ({"lmcache_endpoint": CTL, "cache_strategy": {"enable_compression": True, "load_threshold": math.nan}},
+     "config.cache_strategy.load_threshold: must be a number > 0, got nan"),
+    ({"lmcache_endpoint": CTL, "cache_strategy": {"enable_pinning": True, "pin_location": ""}},
+     "config.cache_strategy.pin_location: must not be empty"),
+])
+def test_kvcache_config_gaps_are_errors_naming_the_path(config: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_filters([FilterSpec("prompt"), FilterSpec("kvcache", config=config)])
+    assert str(info.value).startswith("filters[1](kvcache).") and error in str(info.value)
+
+
+async def test_a_prompt_without_a_full_chunk_costs_no_lookup(make_rig: Any) -> None:
+    """Workers report full 256-token chunks only: a shorter prompt can never match, so
+    asking the controller only adds up to `lookup_timeout` to the request."""
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    route = rig.router.post("/lookup").mock(return_value=layout())
+    ctx = ctx_for(PROMPT[:255])
+    await rig.filter.on_request(ctx)
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason, route.call_count) == ("none", "short_prompt", 0)
+    await rig.filter.on_request(ctx_for(PROMPT[:256]))
+    assert route.call_count == 1
+
+
+async def test_an_in_flight_longer_prefix_beats_a_shorter_controller_match(make_rig: Any) -> None:
+    """A burst of one long prompt: the first request is still prefilling at b (the
+    controller has not heard of it), while a holds only the 256-token preamble."""
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    rig.router.post("/lookup").mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", 256)}))
+    first = ctx_for()
+    await rig.filter.on_request(first)
+    assert (first[CACHE_HINTS].tier, first[CACHE_HINTS].preferred_endpoint) == ("lmcache", "a")
+    first.endpoint = "b"
+    await rig.filter.on_response(first, ResponseHead(200, {}))
+    second = ctx_for()
+    await rig.filter.on_request(second)
+    assert second[CACHE_HINTS].matched_tokens == {"a": 256, "b": 1024}
+    assert (second[CACHE_HINTS].tier, second[CACHE_HINTS].reason, second[CACHE_HINTS].preferred_endpoint) == (
+        "local-index", "lmcache_shorter", "b")

@@ -1,12 +1,23 @@
-"""LocalPrefixIndex: prefix matching per endpoint, TTL, size bound, forgetting."""
+"""LocalPrefixIndex: prefix matching per endpoint, TTL, size bound, forgetting; and what the
+kvcache filter teaches it from the gateway's own traffic (filters.cache_learning)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 import pytest
 
+from filters.base import ResponseHead, Services
+from filters.keys import CACHE_HINTS
+from filters.kvcache import KVCacheFilter
 from filters.local_index import LocalIndexConfig, LocalPrefixIndex, prompt_chunk_keys
+from filters.registry import build_filters, plan_filters
+from gateway.config import ClusterConfig, EndpointConfig, FilterSpec
+from gateway.endpoints import ClusterRegistry, build_cluster
 from kvkernel.decode import ConfigError, decode_dataclass
 from kvproto.chunks import chunk_keys
+from tests.filters.kvcache_rig import PROMPT, DroppingQueue, _endpoint, complete, ctx_for
 
 
 class Clock:
@@ -101,3 +112,60 @@ def test_config_errors_name_the_field(raw: dict[str, object], error: str) -> Non
     with pytest.raises(ConfigError) as info:
         decode_dataclass(LocalIndexConfig, raw, "local_index")
     assert error in str(info.value)
+
+
+# ---- learned by the kvcache filter from the gateway's own traffic ----
+
+
+async def test_failed_request_keeps_the_shared_prefix_its_endpoint_already_held(make_rig: Any) -> None:
+    rig = await make_rig({})
+    await complete(rig.filter, "a", PROMPT[:600])  # a holds the two-chunk shared prefix
+    await complete(rig.filter, "a", PROMPT, status=429)  # backpressure: no first byte
+    failed = ctx_for()  # accepted (2xx head), then broke before the first byte
+    await rig.filter.on_request(failed)
+    failed.endpoint = "a"
+    await rig.filter.on_response(failed, ResponseHead(200, {}))
+    failed.status = 200
+    await rig.filter.on_complete(failed)
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens) == ("local-index", {"a": 512})
+
+
+async def test_an_ejected_endpoint_comes_back_without_its_stale_prefixes(make_rig: Any) -> None:
+    rig = await make_rig({})
+    await complete(rig.filter, "a")
+    await complete(rig.filter, "b", PROMPT[:600])
+    a = _endpoint(rig, "a")
+    a.set_healthy(False)  # crashed: its KV cache is gone
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert (ctx[CACHE_HINTS].preferred_endpoint, ctx[CACHE_HINTS].matched_tokens) == ("b", {"b": 512})
+    a.set_healthy(True)  # restarted, empty
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx[CACHE_HINTS].matched_tokens == {"b": 512}
+
+
+async def test_same_endpoint_id_in_two_clusters_does_not_share_local_index_entries() -> None:
+    """Endpoint ids are unique per cluster only (both clusters may call theirs gpu-0)."""
+    clusters = ClusterRegistry([
+        build_cluster(ClusterConfig("chat", [EndpointConfig("gpu-0", "http://127.0.0.1:8101"),
+                                             EndpointConfig("gpu-1", "http://127.0.0.1:8102")])),
+        build_cluster(ClusterConfig("batch", [EndpointConfig("gpu-0", "http://127.0.0.3:8101")]))])
+    async with httpx.AsyncClient() as http:
+        services = Services(clusters=clusters, background=DroppingQueue(0), http=http, metrics=None)
+        (kv,) = build_filters(plan_filters([FilterSpec("kvcache", config={})]), services)
+        assert isinstance(kv, KVCacheFilter)
+        await kv.start()
+        served = ctx_for(PROMPT, cluster="batch")
+        await kv.on_request(served)
+        served.endpoint, served.status, served.ttfb_ms = "gpu-0", 200, 1.0
+        await kv.on_complete(served)
+        ctx = ctx_for(PROMPT, cluster="chat")
+        await kv.on_request(ctx)
+        assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens) == ("none", {})
+        again = ctx_for(PROMPT, cluster="batch")
+        await kv.on_request(again)
+        assert again[CACHE_HINTS].matched_tokens == {"gpu-0": 1024}
+        await kv.close()

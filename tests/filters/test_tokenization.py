@@ -15,17 +15,20 @@ import respx
 from tokenizers import Tokenizer
 
 from filters.keys import Prompt
+from filters.prompt import extract_prompt
 from filters.tokenization import (
     LocalTokenizer,
     RemoteTokenizer,
     TokenCache,
     TokenizeFailed,
     cache_key,
+    engine_options,
     tokenize_body,
 )
 from kvkernel.breaker import BreakerState, CircuitBreaker
 from kvkernel.resilience import RetrySettings
 from mlxd.tiny_model import write_model
+from tests.conftest import CHAT
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."},
             {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another?"}]
@@ -254,3 +257,46 @@ def test_cache_key_covers_template_inputs() -> None:
     assert base != cache_key(chat(chat_template_kwargs={"x": 1}))
     assert cache_key(chat(chat_template_kwargs={"a": 1, "b": 2})) == cache_key(chat(chat_template_kwargs={"b": 2, "a": 1}))
     assert cache_key(completion("x")) != base
+
+
+def test_remote_tokenize_body_carries_the_engine_options() -> None:
+    body = {"messages": CHAT, "add_generation_prompt": False, "continue_final_message": True,
+            "add_special_tokens": True}
+    found = extract_prompt("/v1/chat/completions", body)
+    assert found is not None
+    sent = tokenize_body(found[0], engine_options(body, "chat"))
+    assert (sent["continue_final_message"], sent["add_special_tokens"]) == (True, True)
+    found = extract_prompt("/v1/completions", {"prompt": "hi", "add_special_tokens": False})
+    assert found is not None
+    assert tokenize_body(found[0], engine_options({"add_special_tokens": False}, "completion"))[
+        "add_special_tokens"] is False
+
+
+async def test_big_tool_schemas_are_tokenized_off_the_event_loop(bos_model: Path) -> None:
+    """`text_chars` counts message text only; 200 KB of tool schemas must not block the loop."""
+    tools = [{"type": "function", "function": {"name": f"tool{i}", "description": "hello world " * 400}}
+             for i in range(40)]
+    body = {"messages": CHAT[:1], "tools": tools}
+    found = extract_prompt("/v1/chat/completions", body)
+    assert found is not None and found[0].text_chars < 100
+    local = LocalTokenizer.from_dir(bos_model, min_chars_offload=2048)
+    try:
+        await local.tokenize(found[0])
+        assert local.offloaded == 1
+    finally:
+        await local.close()
+
+
+def test_token_cache_is_bounded_in_bytes_not_only_entries() -> None:
+    """10 000 entries of 32k-token prompts would be 1.3 GB at 4 B a token."""
+    cache = TokenCache(max_size=10_000, ttl=60.0, max_bytes=1024 * 1024)
+    for i in range(40):
+        cache.put(("completion", str(i)), list(range(32_768)))  # 128 KiB of ids each
+    assert 0 < cache.nbytes <= 1024 * 1024 and len(cache) <= 8
+    assert cache.get(("completion", "39")) is not None  # the most recent stays
+    cache.put(("completion", "huge"), list(range(300_000)))  # larger than the whole bound: not cached
+    assert cache.get(("completion", "huge")) is None and cache.get(("completion", "39")) is not None
+    small = TokenCache(max_size=2, ttl=60.0)
+    for i in range(5):
+        small.put(i, [i])
+    assert len(small) == 2 and small.get(4) == [4]

@@ -23,10 +23,12 @@ from filters.tokenizer import TokenizerConfig, TokenizerFilter
 from gateway.config import FilterSpec
 from kvkernel.context import RequestContext
 from kvkernel.decode import ConfigError, decode_dataclass
+from kvtok.chat_tokens import ChatTokenizer, chat_ids, completion_ids
 from mlxd.tiny_model import write_model
 from testbed.fake_openai import FakeBackend
 from testbed.procs import free_port
-from tests.conftest import wait_until
+from tests.conftest import CHAT, wait_until
+from tests.filters.kvcache_rig import DroppingQueue, _clusters
 from tests.gateway.harness import gateway_yaml, start_backend, start_gateway
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a KV cache?"}]
@@ -242,3 +244,46 @@ async def test_in_a_live_gateway_a_dead_tokenizer_never_fails_requests(tmp_path:
     assert statuses == [200] * 4 and len(fake.requests) == 4
     assert [line["tokenizer_error"] for line in lines] == ["unavailable", "unavailable", "circuit_open", "circuit_open"]
     assert all(line["prompt_tokens_local"] is None for line in lines)
+
+
+# ---- ids equal the engine's (kvtok.chat_tokens is what the daemon prefills) ----
+
+
+async def _gateway_ids(model_dir: Path, path: str, body: dict[str, Any]) -> list[int] | None:
+    async with httpx.AsyncClient() as http:
+        flt = TokenizerFilter(TokenizerFilter.Config(backend="local", model_dir=str(model_dir)), "tokenizer",
+                              Services(_clusters(), DroppingQueue(0), http, None))
+        return await _run_tokenizer(flt, path, body)
+
+
+async def _run_tokenizer(flt: TokenizerFilter, path: str, body: dict[str, Any]) -> list[int] | None:
+    await flt.start()
+    try:
+        ctx = RequestContext("r", "POST", path, json=body)
+        found = extract_prompt(path, body)
+        assert found is not None
+        ctx[PROMPT] = found[0]
+        await flt.on_request(ctx)
+        return ctx[TOKENS].ids
+    finally:
+        await flt.close()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "hello world", "add_special_tokens": False}),
+    ("/v1/completions", {"prompt": "hello world"}),
+    ("/v1/chat/completions", {"messages": CHAT[:1], "add_special_tokens": True}),
+    ("/v1/chat/completions", {"messages": CHAT, "add_generation_prompt": False, "continue_final_message": True}),
+    ("/v1/chat/completions", {"messages": CHAT, "add_generation_prompt": False}),
+])
+async def test_gateway_ids_honour_body_options_like_the_engine(bos_model: Path, path: str,
+                                                               body: dict[str, Any]) -> None:
+    ct = ChatTokenizer.from_dir(bos_model)
+    engine = chat_ids(ct, body) if "messages" in body else completion_ids(ct, body)
+    assert await _gateway_ids(bos_model, path, body) == engine
+
+
+def test_token_cache_max_bytes_is_configurable_and_checked() -> None:
+    with pytest.raises(ConfigError, match=r"filters\[1\]\(tokenizer\)\.config\.cache\.max_bytes: must be >= 1"):
+        plan_filters([FilterSpec("prompt"), FilterSpec("tokenizer", config={
+            "backend": "remote", "endpoint": "http://127.0.0.1:1", "cache": {"max_bytes": 0}})])

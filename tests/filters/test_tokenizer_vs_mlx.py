@@ -18,8 +18,11 @@ import pytest
 from filters.keys import Prompt
 from filters.prompt import extract_prompt
 from filters.tokenization import LocalTokenizer, RemoteTokenizer
+from kvtok.chat_tokens import ChatTokenizer
 from mlxd.tiny_model import write_model
 from testbed.procs import free_port, start_kvgate
+from tests.conftest import wait_until
+from tests.gateway.harness import Stack, gateway_yaml, start_gateway
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                             "parameters": {"type": "object",
@@ -125,3 +128,33 @@ async def test_local_count_equals_prefilled_prompt_tokens(daemon: str, local: Lo
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] == len(await local.tokenize(
         _prompt("/v1/completions", {"prompt": COMPLETIONS[2]})))
+
+
+# ---- through a live gateway ----
+
+
+async def test_continue_final_message_is_prefilled_as_the_gateway_predicted(
+        model_dir: Path, daemon: str, tmp_path: Path) -> None:
+    """A prefill continuing a partial assistant message (vLLM's continue_final_message):
+    the daemon must not close the turn, and the gateway must count what it prefills."""
+    messages = [{"role": "user", "content": "Write a haiku about caches."},
+                {"role": "assistant", "content": "Warm keys wait in"}]
+    body = {"model": "tiny", "messages": messages, "add_generation_prompt": False, "continue_final_message": True,
+            "max_tokens": 1, "temperature": 0}
+    filters = f"  - type: tokenizer\n    config: {{backend: local, model_dir: \"{model_dir}\"}}\n"
+    log_path = tmp_path / "access.jsonl"
+    gateway = await start_gateway(gateway_yaml({"mlx": int(daemon.rsplit(":", 1)[1])}, log_path, extra_filters=filters))
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            tokenized = (await client.post(daemon + "/tokenize", json={
+                k: body[k] for k in ("model", "messages", "add_generation_prompt", "continue_final_message")})).json()
+            text = ChatTokenizer.from_dir(model_dir).decode(tokenized["tokens"])
+            assert text.endswith("<|im_start|>assistant\nWarm keys wait in"), text
+            response = await client.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+        stack = Stack(gateway, {}, {}, log_path)
+        await wait_until(lambda: len(stack.access_log()) == 1, message="access-log line")
+        line = stack.access_log()[0]
+        assert line["prompt_tokens_local"] == line["prompt_tokens"] == tokenized["count"]
+    finally:
+        await gateway.close()

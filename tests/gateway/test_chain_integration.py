@@ -1,4 +1,4 @@
-"""Filters in a live gateway: preferred endpoint, filter errors, local replies."""
+"""Filters in a live gateway: preferred endpoint, filter errors, local replies, learned prefix affinity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import httpx
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from filters.base import CONTINUE, Filter, FilterResult
 from filters.keys import PREFERRED_ENDPOINT
@@ -74,3 +76,51 @@ async def test_a_failing_filter_gives_a_clean_500_naming_it(stack: Stack) -> Non
     assert (await _complete(stack, None))[0] == 200
     await wait_until(lambda: len(stack.access_log()) == 2)
     assert stack.access_log()[0]["status"] == 500
+
+
+# ---- a client error at the prefix holder keeps its affinity (tokenizer + kvcache, local index) ----
+
+
+SHARED = list(range(1000, 1512))  # a two-chunk shared prefix (e.g. a system prompt)
+
+
+def _model_dir(path: Path) -> Path:
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+async def _complete_shared(client: httpx.AsyncClient, url: str, tail: int) -> httpx.Response:
+    return await client.post(f"{url}/v1/completions", json={"model": "fake-model", "prompt": SHARED + [tail] * 300,
+                                                             "max_tokens": 4})
+
+
+async def test_a_client_error_at_the_holder_keeps_the_shared_prefix_affinity(tmp_path: Path) -> None:
+    """A 400 (say, max_tokens too large) from the endpoint holding a shared system
+    prompt used to wipe that prefix from the local index: later requests lost affinity."""
+    fakes = {name: FakeBackend(name) for name in ("a", "b")}
+    servers = {name: await start_backend(fake) for name, fake in fakes.items()}
+    filters = (f"  - type: tokenizer\n    config: {{backend: local, model_dir: \"{_model_dir(tmp_path)}\"}}\n"
+               "  - type: kvcache\n    config: {local_index: {ttl: 1m}}\n")
+    log_path = tmp_path / "access.jsonl"
+    gateway = await start_gateway(gateway_yaml({n: s.port for n, s in servers.items()}, log_path,
+                                               lb_policy="cache_aware", extra_filters=filters))
+    stack = Stack(gateway, fakes, servers, log_path)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            first = await _complete_shared(client, stack.url, 1)
+            holder = first.headers["x-kvgate-endpoint"]
+            fakes[holder].status = 400
+            assert (await _complete_shared(client, stack.url, 2)).status_code == 400
+            fakes[holder].status = None
+            third = await _complete_shared(client, stack.url, 3)
+            assert third.headers["x-kvgate-endpoint"] == holder
+        await wait_until(lambda: len(stack.access_log()) == 3, message="three access-log lines")
+        line = stack.access_log()[2]
+        assert (line["tier"], line["decision"]) == ("prefix-index", "cache_hit")
+        assert line["matched_tokens"][holder] >= 512
+    finally:
+        await gateway.close()
+        for server in servers.values():
+            await server.close()

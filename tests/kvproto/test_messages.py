@@ -109,3 +109,10 @@ def test_large_signed_keys_survive_both_encodings() -> None:
     )
     for frame in (encode(msg), encode_json(msg)):
         assert [op["key"] for op in decode(frame)["operations"]] == keys
+
+
+def test_a_deeply_nested_json_frame_is_a_protocol_error() -> None:
+    """It used to escape `decode` as RecursionError, past every `except ProtocolError`."""
+    frame = b'{"type": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(ProtocolError):
+        decode(frame)

@@ -47,3 +47,22 @@ def test_usage_reports_cached_tokens() -> None:
     assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
                              "prompt_tokens_details": {"cached_tokens": 8}}
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 2**63 - 1, 0])
+def test_int64_seeds_are_accepted(seed: int) -> None:
+    assert gen_params({"seed": seed}, prompt_len=3, max_model_len=100, chat=False).seed == seed
+
+
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**64])
+def test_seeds_beyond_int64_name_the_param(seed: int) -> None:
+    with pytest.raises(BadRequest) as info:
+        gen_params({"seed": seed}, prompt_len=3, max_model_len=100, chat=False)
+    assert info.value.param == "seed"
+
+
+def test_explicit_nulls_mean_the_default_n_included() -> None:
+    """Clients that serialise unset fields send `"n": null`; vLLM takes it as 1, we used to 400."""
+    body = {"n": None, "seed": None, "stop": None, "max_tokens": None, "temperature": None, "top_p": None}
+    params = gen_params(body, prompt_len=3, max_model_len=100, chat=False)
+    assert params.max_tokens == 16 and params.temperature == 1.0 and params.seed is None

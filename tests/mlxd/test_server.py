@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import signal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,8 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxd.tiny_tokenizer import corpus_text
+from testbed.procs import free_port, start_kvgate
 from tests.conftest import wait_until
-from tests.mlxd.conftest import Daemon
+from tests.mlxd.conftest import Daemon, start_daemon
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -256,3 +260,110 @@ async def test_prompt_is_reusable_while_its_request_still_decodes(daemon: Daemon
         _, quick = await post(daemon, "/v1/chat/completions", {"messages": second, "max_tokens": 2, **GREEDY})
         resp.close()
     assert quick["usage"]["prompt_tokens_details"]["cached_tokens"] == shared
+
+
+# ---- bad input is a 400, and the daemon keeps serving ----
+
+
+OK = {"prompt": "still here", "max_tokens": 1, "temperature": 0}
+
+
+async def _still_serving(daemon: Daemon) -> None:
+    status, body = await post(daemon, "/v1/completions", OK)
+    assert status == 200, body
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "x", "model": ["tiny"]}, "model"),
+    ("/tokenize", {"prompt": "x", "model": {"a": 1}}, "model"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "x", "max_completion_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": "false"}, "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "ignore_eos": 1}, "ignore_eos"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                              "max_tokens": 2}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "chat_template_kwargs": {"messages": 5}}, None),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": 5}}, None),
+])
+async def test_bad_field_is_a_400_not_a_500(daemon: Daemon, path: str, body: dict[str, Any],
+                                             param: str | None) -> None:
+    status, err = await post(daemon, path, body)
+    assert status == 400, err
+    assert err["error"]["type"] == "invalid_request_error"
+    assert err["error"]["param"] == param
+    await _still_serving(daemon)
+
+
+async def test_negative_int64_seed_samples_reproducibly(daemon: Daemon) -> None:
+    body = {"prompt": "Once", "max_tokens": 6, "temperature": 1.2, "ignore_eos": True, "seed": -7}
+    first, second = await post(daemon, "/v1/completions", body), await post(daemon, "/v1/completions", body)
+    assert first[0] == second[0] == 200, first
+    assert first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"]
+
+
+async def test_deeply_nested_json_is_a_400(daemon: Daemon) -> None:
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    async with aiohttp.ClientSession() as s, s.post(daemon.url + "/v1/completions", data=deep,
+                                                    headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        assert "JSON" in (await r.json())["error"]["message"]
+    await _still_serving(daemon)
+
+
+# ---- shutdown and a failed model load (own daemons) ----
+
+
+async def _running(daemon: Daemon, n: int) -> bool:
+    return (await metric_values(daemon))["vllm:num_requests_running"] == n
+
+
+async def test_sigterm_ends_an_in_flight_stream_with_an_error_and_done(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """It used to be cut off mid-stream (no `[DONE]`) when aiohttp's shutdown timeout ran out."""
+    d = start_daemon(tiny_model_dir, tmp_path, "mlx-sigterm")
+    try:
+        body = {"prompt": "Go on", "max_tokens": 8000, "stream": True, "temperature": 0, "ignore_eos": True}
+        async with aiohttp.ClientSession() as s, s.post(d.url + "/v1/completions", json=body) as r:
+            assert (await r.content.readline()).startswith(b"data: ")  # generating
+            whole = asyncio.create_task(post(d, "/v1/completions", {**body, "stream": False}))
+            await wait_until(lambda: _running(d, 2), timeout=10, message="both requests running")
+            d.proc.signal(signal.SIGTERM)
+            events = await sse_events(r)
+        assert events[-1] == "[DONE]"
+        assert "shutting down" in events[-2]["error"]["message"]
+        assert events[-2]["error"]["code"] == 503
+        status, err = await whole
+        assert status == 503 and err["error"]["type"] == "service_unavailable"
+        assert d.proc.proc is not None and d.proc.proc.wait(15) == 0
+    finally:
+        d.proc.kill()
+
+
+async def test_a_daemon_whose_model_fails_to_load_answers_instead_of_hanging(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """/cache/stats waited forever on an engine thread that had already exited."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    port = free_port()
+    proc = start_kvgate("mlx-broken", ["mlx-serve", "--model", str(broken), "--port", str(port)], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async def load_failed() -> bool:
+                try:
+                    async with s.get(url + "/health") as r:
+                        return r.status == 503 and (await r.json())["status"] == "error"
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(load_failed, timeout=60, message="the model load to fail")
+            async with s.get(url + "/cache/stats") as r:
+                assert r.status in (200, 503)
+            async with s.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
+                assert r.status == 503
+    finally:
+        proc.kill()

@@ -317,3 +317,12 @@ async def test_workers_come_back_after_a_controller_restart(
         for started in pool.started:
             await started.close()
         ctl.stop()
+
+
+def test_controller_answers_a_deeply_nested_body_with_400_detail(controller: ControllerProcess) -> None:  # noqa: F811
+    """FastAPI (the real controller) answers 400 {"detail"}; the mock used to answer a text 500."""
+    deep = b'{"tokens": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = httpx.post(controller.url + "/lookup", content=deep, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json() == {"detail": "There was an error parsing the body"}
+    assert httpx.post(controller.url + "/lookup", json={"tokens": [1, 2]}).status_code == 200

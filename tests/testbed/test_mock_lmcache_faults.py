@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -231,3 +232,26 @@ def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFi
         code = exc.code
     assert code == 2
     assert "mock-lmcache" in capsys.readouterr().err
+
+
+async def test_mock_pull_loop_survives_a_deeply_nested_json_frame(tmp_path: Path) -> None:
+    """The frame's RecursionError used to end the mock's pull loop: no admit counted after it."""
+    ctl = start_mock_controller(tmp_path)
+    ctx = zmq.asyncio.Context()
+    rep = WorkerReporter(controller_host="127.0.0.1", ports=ctl.ports, instance_id="deep",
+                         handler=RecordingHandler(), heartbeat_interval=0.5)
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"tcp://127.0.0.1:{ctl.ports['pull']}")
+        await push.send(b'{"type": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        await rep.start()
+        assert await rep.wait_registered(10)
+        tokens = list(range(7, 7 + 512))
+        rep.admit(chunk_keys(tokens))
+        async with httpx.AsyncClient(base_url=ctl.url, timeout=10) as client:
+            await wait_for_layout(client, tokens, {"deep": ["LocalCPUBackend", 512]})
+    finally:
+        await rep.close()
+        ctx.destroy(linger=0)
+        ctl.stop()

@@ -8,14 +8,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from testbed.procs import free_port, start_kvgate
 from testbed.sim_vllm.cache import PrefixCache
 from testbed.sim_vllm.engine import Engine, EngineConfig
 from testbed.sim_vllm.server import make_app
 from testbed.sim_vllm.tokenizer import SimTokenizer, load_tokenizer
+from tests.conftest import wait_until
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -310,3 +313,68 @@ async def test_model_dir_tokenizer_matches_the_mlx_daemons_ids(
     assert (
         body["usage"]["prompt_tokens"] == chat["count"] and body["choices"][0]["message"]["content"]
     )
+
+
+# ---- bad input is a 400, and the server keeps serving ----
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+
+
+async def _still_serving(client: Client) -> None:
+    resp = await client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 1})
+    assert resp.status == 200
+
+
+async def test_sim_deeply_nested_json_is_a_400(client: Client) -> None:
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = await client.post("/v1/completions", data=deep, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["type"] == "BadRequestError"
+    await _still_serving(client)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"messages": 5}}),
+    ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": {"messages": 5}}),
+])
+async def test_sim_unrenderable_chat_template_kwargs_are_a_400(client: Client, path: str,
+                                                               body: dict[str, Any]) -> None:
+    resp = await client.post(path, json=body)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["param"] == "messages"
+    await _still_serving(client)
+
+
+# ---- a client that goes away frees its slot (a real process) ----
+
+
+async def _sim_running(url: str) -> float:
+    async with httpx.AsyncClient(timeout=5) as client:
+        state = (await client.get(url + "/sim/state")).json()
+    return state["running"]
+
+
+async def _is_running(url: str, n: int) -> bool:
+    return await _sim_running(url) == n
+
+
+async def test_sim_non_streaming_disconnect_frees_the_sequence_slot(tmp_path: Path) -> None:
+    """vLLM aborts a request whose client went away; the sim used to keep decoding it,
+    holding one of its `--max-num-seqs` slots until the last token."""
+    port = free_port()
+    proc = start_kvgate("sim-disc", ["sim-vllm", "--id", "sim-disc", "--port", str(port),
+                                     "--max-num-seqs", "1", "--decode-rate", "20"], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(url + "/health", timeout=30)
+        async with httpx.AsyncClient(timeout=60) as client:
+            task = asyncio.create_task(client.post(url + "/v1/completions",
+                                                   json={"prompt": "hold the slot", "max_tokens": 2000}))
+            await wait_until(lambda: _is_running(url, 1), timeout=10, message="the request running")
+            task.cancel()  # closes the connection
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await wait_until(lambda: _is_running(url, 0), timeout=10, message="the slot freed")
+    finally:
+        proc.stop()

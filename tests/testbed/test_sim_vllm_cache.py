@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import pytest
 
 from kvproto.chunks import chunk_keys
 from testbed.sim_vllm.cache import PrefixCache
+from testbed.sim_vllm.engine import Engine, EngineConfig, RequestResult
+from testbed.sim_vllm.tokenizer import HashTokenizer
 
 
 def _serve(cache: PrefixCache, tokens: list[int]) -> int:
@@ -150,3 +154,16 @@ def test_compressed_blocks_are_restored_by_a_hit(recorder: Recorder) -> None:
 def test_bad_sizes_are_rejected(block_size: int, capacity: int) -> None:
     with pytest.raises(ValueError):
         PrefixCache(block_size, capacity)
+
+
+async def test_sim_kv_cache_usage_counts_a_running_request_s_blocks_once() -> None:
+    """A running request's prompt blocks were counted twice: once as cached blocks it
+    references and again in its private reservation, so usage read about double."""
+    config = EngineConfig(block_size=16, capacity_blocks=1000, prefill_rate=1e6, decode_rate=50.0)
+    engine = Engine(config, HashTokenizer(), PrefixCache(config.block_size, config.capacity_blocks))
+    prompt, max_tokens = list(range(800)), 16  # 50 full prompt blocks; 51 blocks with the output
+    result = RequestResult(len(prompt))
+    async with aclosing(engine.generate(prompt, max_tokens, result)) as tokens:
+        await anext(tokens)  # prefilled and decoding
+        assert engine.kv_cache_usage() == pytest.approx(51 / 1000)
+    assert engine.kv_cache_usage() == 0

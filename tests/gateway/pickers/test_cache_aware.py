@@ -3,6 +3,7 @@ saturation, balance, scoring and decisions."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,6 +15,7 @@ from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from gateway.pickers.token_scoring import TokenScoring
 from gateway.plan import plan_cluster_picker
 from kvkernel.context import RequestContext
+from kvkernel.decode import FieldError
 
 CFG = CacheAwareConfig(cache_weight=1.0, load_weight=1.0, balance_abs_threshold=16, balance_rel_threshold=1.5,
                        max_waiting=8, max_kv_usage=0.9, prefill_tokens_per_request=256)
@@ -134,3 +136,25 @@ def test_scoring_tokens_switch_selects_the_previous_scoring() -> None:
     endpoints, ctx = build(Case("", {"a": EP(inflight=1), "b": EP(inflight=2, matched=1536)}, "", ""))
     choice = CacheAwarePolicy(CacheAwareConfig(scoring="tokens")).pick(endpoints, ctx)
     assert (choice.endpoint.id, choice.kind.value, ctx.scores["b"]) == ("b", "cache_hit", 1536 - 2 * 256)
+
+
+@pytest.mark.parametrize("weights,expected", [
+    ({"cache_weight": math.inf}, "a"),       # "pure affinity": inf * 0 saved tokens must not be NaN
+    ({"load_weight": math.inf}, "b"),        # "pure load": inf * 0 cost must not be NaN
+])
+def test_infinite_or_nan_weights_never_crash_the_picker(weights: dict[str, float], expected: str | None) -> None:
+    cluster = build_cluster(ClusterConfig("llm", [EndpointConfig("a", "http://127.0.0.1:9001"),
+                                                  EndpointConfig("b", "http://127.0.0.1:9002")]))
+    a, b = cluster.endpoints
+    a.inflight = 1
+    ctx = RequestContext("r", "POST", "/v1/completions")
+    ctx[TOKENS] = Tokens(list(range(1024)), "request")
+    ctx[CACHE_HINTS] = CacheHints(matched_tokens={"a": 768})
+    chosen = TokenScoring(CacheAwareConfig(**weights)).pick(cluster.endpoints, ctx).endpoint
+    assert chosen in (a, b) and (expected is None or chosen.id == expected)
+    assert not any(math.isnan(score) for score in ctx.scores.values())
+
+
+def test_nan_weights_are_rejected_by_the_config() -> None:
+    with pytest.raises(FieldError):
+        CacheAwareConfig(cache_weight=math.nan)

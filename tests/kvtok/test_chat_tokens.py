@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvtok.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
+from tests.conftest import CHAT
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,11 @@ def test_module_does_not_import_mlx() -> None:
     code = "import sys, kvtok.chat_tokens; print(any(m.startswith(('mlx.', 'mlx_lm')) or m == 'mlx' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_continue_final_message_ends_the_text_at_the_final_content(bos_model: Path) -> None:
+    ct = ChatTokenizer.from_dir(bos_model)
+    text = ct.render_chat(CHAT, add_generation_prompt=False, continue_final_message=True)
+    assert text == "<|user|> hello world <|end|>\n<|assistant|> the answer is"
+    with pytest.raises(PromptError, match="both"):
+        ct.render_chat(CHAT, add_generation_prompt=True, continue_final_message=True)
