@@ -141,12 +141,12 @@ async def run_workload(gateway: str, users: int) -> int:
 
 def summarise(records: list[dict[str, Any]]) -> str:
     """Where requests went and why: per request, then totals."""
-    header = (f"{'#':>3} {'request':<10} {'endpoint':<8} {'tier':<11} {'decision':<20} {'preferred':<9} "
+    header = (f"{'#':>3} {'request':<10} {'endpoint':<8} {'tier':<12} {'decision':<20} {'preferred':<9} "
               f"{'predicted':>9} {'cached':>6} {'ttfb ms':>7}")
     lines = [header, "-" * len(header)]
     for i, r in enumerate(records, 1):
         kind = ("chat" if "chat" in str(r.get("path")) else "cmpl") + ("/sse" if r.get("stream") else "")
-        lines.append(f"{i:>3} {kind:<10} {str(r.get('endpoint')):<8} {str(r.get('tier') or '-'):<11} "
+        lines.append(f"{i:>3} {kind:<10} {str(r.get('endpoint')):<8} {str(r.get('tier') or '-'):<12} "
                      f"{str(r.get('decision') or '-'):<20} {str(r.get('preferred_endpoint') or '-'):<9} "
                      f"{_num(r.get('predicted_cached_tokens')):>9} {_num(r.get('cached_tokens')):>6} "
                      f"{_num(r.get('ttfb_ms')):>7}")
