@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import aiohttp
 import httpx
 
 from kvkernel.context import RequestContext, StateKey
@@ -90,6 +91,7 @@ class Services:
     metrics: Any = None  # prometheus_client.CollectorRegistry
     gateway_load: Callable[[], float] = lambda: 0.0  # in-flight / capacity, 0..1+
     prefix_index: PrefixIndexView | None = None
+    session: aiohttp.ClientSession | None = None  # the data plane's pooled session (cheaper per call)
 
 
 class Filter:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from filters.base import CONTINUE, EndpointView, Filter, FilterResult, ResponseHead, Services
 from filters.cache_learning import PrefixLearner, request_keys
 from filters.cache_lookup import ControllerLookup
@@ -125,7 +127,7 @@ class KVCacheFilter(Filter):
         cfg = self.config
         if cfg.lmcache_endpoint is None:
             return
-        client = self._client("lmcache")
+        client = self._client("lmcache", self.services.session)  # the request path: the cheap client
         # Background actions get their own breaker: a controller that rejects an action
         # (real LMCache answers 500 to any compress method but "cachegen") must not take
         # lookups, and so routing, down with it.
@@ -143,13 +145,13 @@ class KVCacheFilter(Filter):
             self.management = CacheManagement(cfg.cache_strategy, actions_client, self.instances,
                                               self.services, self.metrics, self.learner.forget)
 
-    def _client(self, name: str) -> LMCacheClient:
+    def _client(self, name: str, session: aiohttp.ClientSession | None = None) -> LMCacheClient:
         cfg = self.config
         assert cfg.lmcache_endpoint is not None
         breaker = cfg.circuit_breaker.build(name, on_change=self._breaker_changed)
         self.metrics.breaker_state(breaker.state, "actions" if name == "lmcache-actions" else "lookup")
         return LMCacheClient(cfg.lmcache_endpoint, self.services.http, request_timeout=cfg.request_timeout,
-                             retry=cfg.retry, breaker=breaker, evict_fallback=cfg.evict_fallback)
+                             retry=cfg.retry, breaker=breaker, evict_fallback=cfg.evict_fallback, session=session)
 
     def _breaker_changed(self, name: str, state: BreakerState) -> None:
         log.warning("%s breaker is now %s", name, state.value)

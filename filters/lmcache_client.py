@@ -17,11 +17,13 @@ breaker accounting and time budgets follow `kvkernel.resilience`:
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 import httpx
 
 from kvkernel.breaker import CircuitBreaker, CircuitOpenError
@@ -63,6 +65,30 @@ class LookupResult:
 
     event_id: str | None
     layout: dict[str, tuple[str, int]]
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout: float) -> Any:
+    """POST JSON through aiohttp, raising what httpx would: HTTPStatusError for a non-2xx
+    answer, ConnectError / ReadTimeout / ReadError for transport failures."""
+    request = httpx.Request("POST", url)
+    try:
+        async with session.post(url, data=json.dumps(body, separators=(",", ":")), headers=_JSON,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            status = resp.status
+    except TimeoutError as exc:
+        raise httpx.ReadTimeout(f"no answer within {timeout}s", request=request) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except aiohttp.ClientError as exc:
+        raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
+    if not 200 <= status < 300:
+        response = httpx.Response(status, content=raw, request=request)
+        response.raise_for_status()
+    return json.loads(raw)
 
 
 def _count(value: Any, where: str) -> int:
@@ -117,8 +143,13 @@ class LMCacheClient:
     def __init__(self, base_url: str, http: httpx.AsyncClient, *, request_timeout: float = 2.0,
                  retry: RetrySettings = DEFAULT_RETRY, breaker: CircuitBreaker | None = None,
                  evict_fallback: Literal["clear", "skip"] = "clear",
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        """`session`: send through this pooled aiohttp session instead of `http` (about a
+        quarter of httpx's CPU per call; used on the request path). Errors are mapped to
+        httpx's, so retries, the breaker and the error family behave the same."""
         self.base_url = base_url.rstrip("/")
+        self._session = session
         self.breaker = breaker if breaker is not None else CircuitBreaker("lmcache")
         self.evict_fallback = evict_fallback
         self._http = http
@@ -137,6 +168,8 @@ class LMCacheClient:
         per_attempt = self._request_timeout if timeout is None else min(self._request_timeout, timeout)
 
         async def exchange() -> Any:
+            if self._session is not None:
+                return await _aiohttp_post(self._session, url, body, per_attempt)
             response = await self._http.post(url, json=body, timeout=per_attempt)
             response.raise_for_status()
             return response.json()

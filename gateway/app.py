@@ -79,7 +79,7 @@ def _filters(state: GatewayState, plans: Sequence[FilterPlan]):  # type: ignore[
         assert state.session is not None and state.http is not None and state.background is not None
         services = Services(clusters=state.clusters, background=state.background, http=state.http,
                             metrics=state.metrics.registry, gateway_load=state.load,
-                            prefix_index=state.prefix_index)
+                            prefix_index=state.prefix_index, session=state.session)
         chain = FilterChain(build_filters(plans, services))
         proxy = Proxy(state.session, state.config.server.debug_headers)
         app[handlers.EXCHANGE_KEY] = Exchange(state, chain, proxy)
