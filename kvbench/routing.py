@@ -60,12 +60,17 @@ def run_one(workload: Workload, policy: str, opts: Options, work: Path, progress
         return result
     shape = FleetShape(opts.shape.backends, workload.slow_backends, opts.shape.capacity_blocks,
                        opts.shape.prefill_rate, opts.shape.max_num_seqs)
-    with open_fleet(policy, shape, work / workload.name / policy) as fleet:
-        before = backend_requests(fleet.sims)
-        tick = getattr(progress, "update", None)
-        samples, elapsed = asyncio.run(run_workload(fleet.url, workload, opts.max_tokens,
-                                                    (lambda s: tick(1)) if tick else (lambda s: None)))
-        after = backend_requests(fleet.sims)
+    tick = getattr(progress, "update", None)
+    try:
+        with open_fleet(policy, shape, work / workload.name / policy) as fleet:
+            before = backend_requests(fleet.sims)
+            samples, elapsed = asyncio.run(run_workload(fleet.url, workload, opts.max_tokens,
+                                                        (lambda s: tick(1)) if tick else (lambda s: None)))
+            after = backend_requests(fleet.sims)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # a router that does not start (e.g. a bad policy name)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        result.skipped = f"failed: {lines[0]} {lines[-1] if len(lines) > 1 else ''}".strip()[:300]
+        return result
     result.samples, result.elapsed_s = samples, elapsed
     result.per_backend = {sim: after[sim] - before.get(sim, 0) for sim in after}
     if is_kvgate(policy):
@@ -158,7 +163,8 @@ def main(argv: Sequence[str]) -> int:
         path = routing_report.write_docs(results, opts, command)
         print(f"written to {path}")
     ran = [r for r in results if not r.skipped]
-    return 0 if ran and all(r.errors == 0 for r in ran) else 1
+    failed = [r for r in results if r.skipped and r.skipped.startswith("failed")]
+    return 0 if ran and not failed and all(r.errors == 0 for r in ran) else 1
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def write_plots(results: Sequence[PolicyResult], out_dir: Path) -> list[Path]:
     paths = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for workload in dict.fromkeys(r.workload for r in results):
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        fig, ax = plt.subplots(figsize=(8.0, 4.0), dpi=100)
         for r in results:
             ttft = sorted(s.ttft_ms for s in r.ok) if r.workload == workload else []
             if ttft:
@@ -105,7 +105,7 @@ def write_plots(results: Sequence[PolicyResult], out_dir: Path) -> list[Path]:
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"TTFT CDF: {workload}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         path = out_dir / f"routing-ttft-{workload}.png"
         fig.tight_layout()
         fig.savefig(path)
