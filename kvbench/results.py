@@ -90,8 +90,18 @@ class PolicyResult:
             "elapsed_s": self.elapsed_s,
         }
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, samples: bool = True) -> dict[str, Any]:
+        """Summary, per-backend counts, decisions, the TTFT CDF at every percent, and (if `samples`)
+        every sample; `from_json` reads it back (without samples: summary only)."""
+        ttft = [s.ttft_ms for s in self.ok]
         return {"workload": self.workload, "policy": self.policy, "label": self.label, "skipped": self.skipped,
                 **({} if self.skipped else self.summary()), "per_backend": self.per_backend,
                 "decisions": self.decisions, "errors_sample": [s.error for s in self.samples if s.error][:5],
-                "samples": [asdict(s) for s in self.samples]}
+                "ttft_cdf_ms": [round(percentile(ttft, q / 100), 1) for q in range(1, 101)] if ttft else [],
+                **({"samples": [asdict(s) for s in self.samples]} if samples else {})}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PolicyResult:
+        """A result written by `to_json(samples=True)`."""
+        return cls(data["workload"], data["policy"], data["label"], [Sample(**s) for s in data.get("samples", [])],
+                   float(data.get("elapsed_s", 0.0)), data["per_backend"], data["decisions"], data["skipped"])

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kvbench import routing_report
@@ -50,6 +51,7 @@ class Options:  # not slotted: parse_args reads the class defaults
     out: Path = Path(".")
     write_docs: bool = False
     progress: bool = True
+    from_json: Path | None = None  # re-render an earlier run instead of running
 
 
 def run_one(workload: Workload, policy: str, opts: Options, work: Path, progress: object = None) -> PolicyResult:
@@ -141,19 +143,35 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--write-docs", action="store_true", help="also replace the routing section of "
                    "docs/benchmarks.md (plots go to docs/img/)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", type=Path, metavar="ROUTING_JSON",
+                   help="do not run: re-render the outputs of an earlier run's routing.json")
     a = p.parse_args(list(argv))
     unknown = [w for w in a.workloads if w not in WORKLOADS]
     if unknown:
         p.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
     shape = FleetShape(a.backends, 0, a.capacity_blocks, a.prefill_rate)
     return Options(a.workloads, a.policies, a.requests_scale, a.max_tokens, a.seed, shape, a.out,
-                   a.write_docs, not a.no_progress)
+                   a.write_docs, not a.no_progress, a.from_json)
+
+
+def load_run(path: Path, opts: Options) -> tuple[list[PolicyResult], Options, str]:
+    """The results, options and command of an earlier run's `routing.json` (with samples)."""
+    data = json.loads(path.read_text())
+    results = [PolicyResult.from_json(r) for r in data["results"]]
+    opts = replace(opts, workloads=tuple(dict.fromkeys(r.workload for r in results)),
+                   policies=tuple(dict.fromkeys(r.policy for r in results)),
+                   requests_scale=data["requests_scale"], seed=data["seed"], max_tokens=data["max_tokens"],
+                   shape=FleetShape(**data.get("shape", asdict(opts.shape))))
+    return results, opts, data["command"]
 
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
-    command = "kvgate bench routing " + shlex.join(argv)
-    results = run_suite(opts)
+    if opts.from_json is not None:
+        results, opts, command = load_run(opts.from_json, opts)
+    else:
+        command = "kvgate bench routing " + shlex.join(argv)
+        results = run_suite(opts)
     json_path = routing_report.write_json(results, opts, command, opts.out / "routing.json")
     plots = routing_report.write_plots(results, opts.out)
     text = routing_report.render(results, opts, command, plots, opts.out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,15 +72,17 @@ def render(results: Sequence[PolicyResult], opts: Options, command: str, plots: 
     return "\n".join(lines) + "\n"
 
 
-def write_json(results: Sequence[PolicyResult], opts: Options, command: str, path: Path) -> Path:
+def write_json(results: Sequence[PolicyResult], opts: Options, command: str, path: Path,
+               samples: bool = True) -> Path:
+    """Every number (and, if `samples`, every request's sample) of the run."""
     data: dict[str, Any] = {
         "command": command, "machine": machine_line(), "requests_scale": opts.requests_scale,
-        "seed": opts.seed, "max_tokens": opts.max_tokens,
+        "seed": opts.seed, "max_tokens": opts.max_tokens, "shape": asdict(opts.shape),
         "ceilings": {w: build(w, opts.requests_scale, opts.seed).ceiling for w in opts.workloads},
-        "results": [r.to_json() for r in results],
+        "results": [r.to_json(samples) for r in results],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    path.write_text(json.dumps(data, indent=None if samples else 1, allow_nan=True) + "\n")
     return path
 
 
@@ -115,10 +118,12 @@ def write_plots(results: Sequence[PolicyResult], out_dir: Path) -> list[Path]:
 
 
 def write_docs(results: Sequence[PolicyResult], opts: Options, command: str, path: Path = DEFAULT_PATH) -> Path:
-    """Replace the routing section of docs/benchmarks.md; JSON beside it, plots in docs/img/."""
+    """Replace the routing section of docs/benchmarks.md; JSON (summaries and TTFT CDFs, no
+    per-request samples) beside it, plots in docs/img/."""
     docs = path.parent
     plots = write_plots(results, docs / "img")
-    write_json(results, opts, command, docs / "benchmarks-routing.json")
+    write_json(results, opts, command, docs / "benchmarks-routing.json", samples=False)
     body = render(results, opts, command, plots, docs)
-    body += "\nAll numbers and samples: [benchmarks-routing.json](benchmarks-routing.json).\n"
+    body += ("\nAll numbers, with each TTFT CDF at every percent: [benchmarks-routing.json](benchmarks-routing.json) "
+             "(per-request samples: `routing.json` in `--out`).\n")
     return write_section("routing", body, path)
