@@ -24,7 +24,9 @@ between:
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -77,9 +79,15 @@ PEERS = {
 }
 
 
+@functools.cache
 def unavailable(name: str) -> str | None:
-    """Why the peer `name` cannot run here, or None when it can."""
+    """Why the peer `name` cannot run here (absent, or its --help fails), or None when it can."""
     peer = PEERS[name]
     if not peer.executable.exists():
-        return f"{peer.executable.relative_to(ROOT)} not found (run scripts/peer-routers.sh)"
-    return None
+        return f"{peer.executable} not found (run scripts/peer-routers.sh)"
+    try:
+        done = subprocess.run([str(peer.executable), *peer.prefix, "--help"], capture_output=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{peer.executable} does not run: {exc}"
+    return None if done.returncode == 0 else f"{peer.executable} --help exited {done.returncode}"

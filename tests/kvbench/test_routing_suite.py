@@ -69,3 +69,8 @@ def test_tiny_suite_answers_every_request_and_oracle_beats_round_robin(tmp_path:
         assert results[(workload, "oracle")]["hit_ratio"] >= results[(workload, "round_robin")]["hit_ratio"]
     assert results[("multi-tenant", "oracle")]["hit_ratio"] > 0.8 * data["ceilings"]["multi-tenant"] > 0
     assert results[("burst", "round_robin")]["decisions"] == {"lb:round_robin": len(build("burst", 0.05).requests)}
+    rerendered = tmp_path / "again"
+    assert routing.main(["--from-json", str(tmp_path / "routing.json"), "--out", str(rerendered)]) == 0
+    again = json.loads((rerendered / "routing.json").read_text())
+    assert [r["hit_ratio"] for r in again["results"]] == [r["hit_ratio"] for r in data["results"]]
+    assert again["command"] == data["command"]
