@@ -1,0 +1,146 @@
+"""A fresh fleet per (workload, policy): mock LMCache, sim-vllm backends, one router.
+
+`open_fleet` starts everything on free 127.0.0.1 ports and yields a `Fleet` with
+the router's URL; leaving the context stops every process it started, in reverse
+order. Every policy gets the same fleet shape (the sims always report their
+chunks to a mock LMCache), so the only difference between runs is the router.
+
+A policy name is one of `oracle`, a peer router (`sglang-router`, `vllm-router`),
+or else a kvgate `lb_policy` name passed straight into the gateway YAML, so a new
+kvgate picker is benchmarked by naming it (`--policies predicted_ttft`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvbench.peers import PEERS
+from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller
+from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd, start_kvgate
+
+ORACLE = "oracle"
+NOT_CACHE_AWARE = frozenset({"round_robin", "least_inflight", "random", "consistent_hash"})  # kvgate baselines: no cache filters
+
+
+@dataclass(frozen=True, slots=True)
+class FleetShape:
+    backends: int = 4
+    slow_backends: int = 0
+    capacity_blocks: int = 1000  # x 16 tokens per block
+    prefill_rate: float = 8000.0  # tokens/s; slow backends run at a tenth
+    max_num_seqs: int = 16
+
+
+@dataclass(slots=True)
+class Fleet:
+    url: str  # the router's base URL
+    sims: dict[str, str] = field(default_factory=dict)  # backend id -> base URL
+    access_log: Path | None = None  # kvgate only
+
+
+def is_kvgate(policy: str) -> bool:
+    return policy != ORACLE and policy not in PEERS
+
+
+def label(policy: str) -> str:
+    """How a policy is named in tables: `kvgate cache_aware`, `oracle`, `sglang-router cache_aware`."""
+    if policy == ORACLE:
+        return ORACLE
+    return f"{policy} cache_aware" if policy in PEERS else f"kvgate {policy}"
+
+
+def gateway_yaml(policy: str, sims: dict[str, str], port: int, access_log: Path, controller_url: str) -> str:
+    """kvgate's config for `policy`: the cache filters for every policy but the plain baselines."""
+    endpoints = "\n".join(f'      - {{id: {sid}, url: "{url}"}}' for sid, url in sims.items())
+    first = next(iter(sims.values()))
+    cache_filters = "" if policy in NOT_CACHE_AWARE else f"""
+  - type: tokenizer
+    config: {{backend: remote, endpoint: "{first}", timeout: 500ms}}
+  - type: kvcache
+    config: {{lmcache_endpoint: "{controller_url}", lookup_timeout: 50ms}}"""
+    # A picker selected as `picker: {type: NAME}` instead would change only the lb_policy line.
+    return f"""
+server: {{host: {HOST}, port: {port}}}
+clusters:
+  - name: llm
+    lb_policy: {policy}
+    health_check: {{path: /health, interval: 1s, timeout: 1s}}
+    metrics_interval: 500ms
+    timeouts: {{connect: 1s, first_byte: 120s}}
+    endpoints:
+{endpoints}
+routes:
+  - {{match: {{prefix: /v1/}}, cluster: llm}}
+filters:
+  - type: prompt{cache_filters}
+  - type: access-log
+    config: {{path: "{access_log}"}}
+"""
+
+
+def _sim_argv(sim_id: str, port: int, controller: ControllerProcess, shape: FleetShape, slow: bool) -> list[str]:
+    rate = shape.prefill_rate / 10 if slow else shape.prefill_rate
+    return kvgate_cmd("sim-vllm", "--id", sim_id, "--port", str(port), "--host", HOST,
+                      "--capacity-blocks", str(shape.capacity_blocks), "--prefill-rate", str(rate),
+                      "--max-num-seqs", str(shape.max_num_seqs),
+                      "--lmcache-controller", HOST, "--lmcache-ports", json.dumps(controller.ports),
+                      "--heartbeat-interval", "0.5", "--log-level", "WARNING")
+
+
+def _start_sims(stack: contextlib.ExitStack, shape: FleetShape, controller: ControllerProcess,
+                log_dir: Path) -> dict[str, str]:
+    sims: dict[str, str] = {}
+    procs = []
+    for i, port in enumerate(free_ports(shape.backends)):
+        slow = i >= shape.backends - shape.slow_backends
+        sim_id = f"{'slow' if slow else 'sim'}-{i}"
+        proc = ManagedProcess(sim_id, _sim_argv(sim_id, port, controller, shape, slow), log_dir / f"{sim_id}.log")
+        stack.callback(proc.stop)
+        procs.append((proc.start(), port))
+        sims[sim_id] = f"http://{HOST}:{port}"
+    for proc, port in procs:
+        proc.wait_http(f"http://{HOST}:{port}/health")
+    return sims
+
+
+def _start_router(stack: contextlib.ExitStack, policy: str, sims: dict[str, str], controller: ControllerProcess,
+                  log_dir: Path) -> Fleet:
+    port, metrics_port = free_ports(2)
+    url = f"http://{HOST}:{port}"
+    if policy == ORACLE:
+        argv = [sys.executable, "-m", "kvbench.oracle", "--port", str(port)]
+        for sim_url in sims.values():
+            argv += ["--backend", sim_url]
+        proc = ManagedProcess(ORACLE, argv, log_dir / "oracle.log")
+        stack.callback(proc.stop)
+        proc.start().wait_http(url + "/healthz")
+        return Fleet(url, sims)
+    if policy in PEERS:
+        peer = PEERS[policy]
+        proc = ManagedProcess(policy, peer.argv(port, metrics_port, list(sims.values())), log_dir / f"{policy}.log")
+        stack.callback(proc.stop)
+        peer.wait_ready(url, len(sims), proc.start().alive)
+        return Fleet(url, sims)
+    access_log = log_dir / "access.jsonl"
+    config = log_dir / "gateway.yaml"
+    config.write_text(gateway_yaml(policy, sims, port, access_log, controller.url))
+    gateway = start_kvgate("gateway", ["serve", "-c", str(config)], log_dir)
+    stack.callback(gateway.stop)
+    gateway.wait_http(url + "/readyz")
+    return Fleet(url, sims, access_log)
+
+
+@contextlib.contextmanager
+def open_fleet(policy: str, shape: FleetShape, log_dir: Path) -> Iterator[Fleet]:
+    """Controller, sims and router for `policy`, ready to serve; all stopped on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        controller = start_mock_controller(log_dir)
+        stack.callback(controller.stop)
+        sims = _start_sims(stack, shape, controller, log_dir)
+        yield _start_router(stack, policy, sims, controller, log_dir)
