@@ -35,8 +35,10 @@ from kvbench.fleet import FleetShape, is_kvgate, label, open_fleet
 from kvbench.peers import PEERS, unavailable
 from kvbench.results import PolicyResult, access_log_decisions, backend_requests
 from kvbench.workloads import WORKLOADS, Workload, build
+from mlxd.tiny_model import write_model
+from testbed.sim_vllm.tokenizer import load_tokenizer
 
-KVGATE_POLICIES = ("cache_aware", "round_robin", "least_inflight")
+KVGATE_POLICIES = ("cache_aware", "cache_aware_tokens", "cache_aware_v1", "round_robin", "least_inflight")
 DEFAULT_POLICIES = (*KVGATE_POLICIES, "oracle", *PEERS)
 
 
@@ -60,8 +62,7 @@ def run_one(workload: Workload, policy: str, opts: Options, work: Path, progress
     if policy in PEERS and (reason := unavailable(policy)):
         result.skipped = reason
         return result
-    shape = FleetShape(opts.shape.backends, workload.slow_backends, opts.shape.capacity_blocks,
-                       opts.shape.prefill_rate, opts.shape.max_num_seqs)
+    shape = replace(opts.shape, slow_backends=workload.slow_backends)
     tick = getattr(progress, "update", None)
     try:
         with open_fleet(policy, shape, work / workload.name / policy) as fleet:
@@ -91,12 +92,16 @@ def _progress(total: int, enabled: bool) -> object:
 
 
 def run_suite(opts: Options) -> list[PolicyResult]:
-    """Every workload x policy; policies rotate their order per workload (no fixed first slot)."""
-    workloads = [build(name, opts.requests_scale, opts.seed) for name in opts.workloads]
-    runnable = [p for p in opts.policies if not (p in PEERS and unavailable(p))]
-    bar = _progress(sum(len(w.requests) for w in workloads) * len(runnable), opts.progress)
+    """Every workload x policy; policies rotate their order per workload (no fixed first slot).
+    The sims and kvgate's local tokenizer share a generated tiny model's tokenizer."""
     results = []
     with tempfile.TemporaryDirectory(prefix="kvgate-bench-routing-") as tmp:
+        model_dir = write_model(Path(tmp) / "model", "tiny", seed=0)
+        opts = replace(opts, shape=replace(opts.shape, model_dir=str(model_dir)))
+        tokenizer = load_tokenizer(model_dir)
+        workloads = [build(name, opts.requests_scale, opts.seed, tokenizer) for name in opts.workloads]
+        runnable = [p for p in opts.policies if not (p in PEERS and unavailable(p))]
+        bar = _progress(sum(len(w.requests) for w in workloads) * len(runnable), opts.progress)
         for i, workload in enumerate(workloads):
             order = list(opts.policies[i % len(opts.policies):]) + list(opts.policies[:i % len(opts.policies)])
             for policy in order:

@@ -12,7 +12,7 @@ vLLM always recomputes). The same `(name, scale, seed)` gives the same requests.
 | workload | shape |
 |---|---|
 | burst | 6 shared prefixes x 6 questions, the questions of a prefix back to back, 4 clients |
-| multi-tenant | 16 tenants, ~1500-token system prompts, tenants drawn uniformly |
+| multi-tenant | 16 tenants, ~1500-word system prompts, tenants drawn uniformly |
 | skewed | as multi-tenant, tenants drawn Zipf(1.1) |
 | multi-turn | chat conversations (/v1/chat/completions) whose history is resent each turn |
 | no-sharing | unique prompts: the control, nothing to reuse |
@@ -22,14 +22,18 @@ vLLM always recomputes). The same `(name, scale, seed)` gives the same requests.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from testbed.sim_vllm.protocol import chat_prompt_ids
-from testbed.sim_vllm.tokenizer import HashTokenizer
+from testbed.sim_vllm.tokenizer import HashTokenizer, SimTokenizer
 
 BLOCK_SIZE = 16  # sim-vllm's default --block-size
+_CORPUS = Path(__file__).resolve().parents[1] / "mlxd" / "corpus.txt"
+VOCAB = tuple(sorted(set(re.findall(r"[a-z]+", _CORPUS.read_text().lower()))))
 GROUP_HEADER = "x-kvbench-group"
 
 
@@ -59,7 +63,10 @@ class Workload:
 
 
 def _words(rng: random.Random, tag: str, n: int) -> str:
-    return "".join(f" {tag}{rng.randrange(10**6)}" for _ in range(n))
+    """`n` words drawn from the tiny model's corpus vocabulary (`tag` names the part of
+    the prompt; it does not change the draw's distribution): about one token per word
+    with the hash tokenizer, ~1.2 with the tiny model's byte-level BPE."""
+    return "".join(f" {rng.choice(VOCAB)}" for _ in range(n))
 
 
 def _completion(group: str, prompt: str) -> Request:
@@ -79,7 +86,7 @@ def burst(scale: float, seed: int) -> Workload:
         sessions += [[_completion(f"doc-{g}", prefix + f" Question {q}:" + _words(rng, "q", 30))]
                      for q in range(questions)]
     return Workload("burst", sessions, concurrency=4,
-                    description=f"6 shared ~1500-token prefixes x {questions} questions, each prefix's "
+                    description=f"6 shared ~1500-word prefixes x {questions} questions, each prefix's "
                                 "questions back to back, 4 clients")
 
 
@@ -98,7 +105,7 @@ def _tenant_requests(name: str, scale: float, seed: int, pick: Callable[[random.
         sessions.append([_completion(f"tenant-{t}", prompts[t] + f" Question {i}:" + _words(rng, "q", 30))])
     fleet = " on 2 fast + 2 slow backends" if slow else ""
     return Workload(name, sessions, concurrency=8, slow_backends=slow,
-                    description=f"{count} requests, 16 tenants with ~1500-token system prompts, {what}{fleet}, "
+                    description=f"{count} requests, 16 tenants with ~1500-word system prompts, {what}{fleet}, "
                                 "8 clients")
 
 
@@ -134,7 +141,7 @@ def multi_turn(scale: float, seed: int) -> Workload:
         sessions.append(session)
     return Workload("multi-turn", sessions, concurrency=8,
                     description=f"{conversations} chat conversations x {turns} turns (history resent each turn, "
-                                "4 ~600-token personas), 8 clients")
+                                "4 ~600-word personas), 8 clients")
 
 
 def no_sharing(scale: float, seed: int) -> Workload:
@@ -142,7 +149,7 @@ def no_sharing(scale: float, seed: int) -> Workload:
     count = max(8, round(200 * scale))
     sessions = [[_completion(f"unique-{i}", f"Unique request {i}:" + _words(rng, "n", 1500))] for i in range(count)]
     return Workload("no-sharing", sessions, concurrency=8,
-                    description=f"{count} unique ~1500-token prompts (control: nothing to reuse), 8 clients")
+                    description=f"{count} unique ~1500-word prompts (control: nothing to reuse), 8 clients")
 
 
 WORKLOADS: dict[str, Callable[[float, int], Workload]] = {
@@ -155,7 +162,7 @@ WORKLOADS: dict[str, Callable[[float, int], Workload]] = {
 }
 
 
-def _prompt_ids(tokenizer: HashTokenizer, request: Request) -> list[int]:
+def _prompt_ids(tokenizer: SimTokenizer, request: Request) -> list[int]:
     if "messages" in request.body:
         return chat_prompt_ids(request.body, tokenizer)
     return tokenizer.encode(request.body["prompt"])
@@ -169,9 +176,11 @@ def _block_hashes(ids: Sequence[int]) -> list[int]:
     return hashes
 
 
-def with_ceilings(workload: Workload) -> Workload:
-    """Fill in prompt and ceiling token counts, in the order the requests are sent."""
-    tokenizer, seen = HashTokenizer(), set()
+def with_ceilings(workload: Workload, tokenizer: SimTokenizer | None = None) -> Workload:
+    """Fill in prompt and ceiling token counts, in the order the requests are sent, with
+    the backends' tokenizer (the hash tokenizer when none is given)."""
+    tokenizer = tokenizer or HashTokenizer()
+    seen: set[int] = set()
     sessions = []
     for session in workload.sessions:
         done = []
@@ -188,8 +197,8 @@ def with_ceilings(workload: Workload) -> Workload:
     return workload
 
 
-def build(name: str, scale: float = 1.0, seed: int = 7) -> Workload:
+def build(name: str, scale: float = 1.0, seed: int = 7, tokenizer: SimTokenizer | None = None) -> Workload:
     """The named workload at `scale` (request counts scale; prompt shapes do not)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-    return with_ceilings(WORKLOADS[name](scale, seed))
+    return with_ceilings(WORKLOADS[name](scale, seed), tokenizer)

@@ -41,7 +41,7 @@ from gateway.pickers.base import Choice, Picker
 from gateway.pickers.cache_aware_config import CacheAwareConfig
 from gateway.pickers.registry import register_picker
 from gateway.pickers.token_scoring import TokenScoring, is_saturated, request_load
-from gateway.pickers.ttft_model import PrefillQueue, SpeedLearner
+from gateway.pickers.ttft_model import Attempt, EndpointModel
 from kvkernel.context import DecisionKind, RequestContext, StateKey
 
 __all__ = ["CacheAwareConfig", "CacheAwarePolicy"]
@@ -63,32 +63,8 @@ class _Estimate:
         return self.queue + self.service
 
 
-@dataclass(slots=True)
-class _Dispatch:
-    """One attempt, from dispatch to release (kept under a private typed key)."""
-
-    endpoint: str
-    uncached: int
-    service: float
-    predicted_ttft: float
-    dispatched_at: float
-    predicted_end: float
-    first_byte_seen: bool = False
-    observed_service: float | None = None  # streams only
-
-
-_DISPATCH: StateKey[_Dispatch] = StateKey("cache_aware.dispatch", _Dispatch)
+_DISPATCH: StateKey[Attempt] = StateKey("cache_aware.attempt", Attempt)
 _ESTIMATES: StateKey[dict[str, _Estimate]] = StateKey("cache_aware.estimates", dict)
-
-
-class _EndpointModel:
-    __slots__ = ("speed", "queue", "errors", "abs_error")
-
-    def __init__(self, config: CacheAwareConfig, clock: Callable[[], float]) -> None:
-        self.speed = SpeedLearner(config.prior_prefill_rate, config.prior_overhead, config.forgetting)
-        self.queue = PrefillQueue(clock)
-        self.errors = 0
-        self.abs_error = 0.0  # running mean of |actual - predicted| TTFT, s
 
 
 @register_picker("cache_aware")
@@ -101,16 +77,18 @@ class CacheAwarePolicy(Picker):
     def __init__(self, config: CacheAwareConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(config or CacheAwareConfig())
         self._clock = clock
-        self._models: dict[str, _EndpointModel] = {}
+        self._models: dict[str, EndpointModel] = {}
         self._tokens = TokenScoring(self.config) if self.config.scoring == "tokens" else None
         self._turn = 0
         self.slo_requests = 0
         self.slo_unmeetable = 0
 
-    def model(self, endpoint_id: str) -> _EndpointModel:
+    def model(self, endpoint_id: str) -> EndpointModel:
         found = self._models.get(endpoint_id)
         if found is None:
-            found = self._models[endpoint_id] = _EndpointModel(self.config, self._clock)
+            cfg = self.config
+            found = self._models[endpoint_id] = EndpointModel(cfg.prior_prefill_rate, cfg.prior_overhead,
+                                                              cfg.forgetting, self._clock)
         return found
 
     # ---- picking -------------------------------------------------------------------------
@@ -156,11 +134,12 @@ class CacheAwarePolicy(Picker):
         reuse = min(n, (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0))
         model = self.model(ep.id)
         uncached = max(0, n - reuse)
-        queue = model.queue.ahead() + self._foreign_waiting(ep, model)
-        return _Estimate(ep, reuse, uncached, queue, model.speed.predict(uncached))
+        now = self._clock()
+        queue = model.ahead(now) + self._foreign_waiting(ep, model)
+        return _Estimate(ep, reuse, uncached, queue, model.predict(uncached, now))
 
     @staticmethod
-    def _foreign_waiting(ep: Endpoint, model: _EndpointModel) -> float:
+    def _foreign_waiting(ep: Endpoint, model: EndpointModel) -> float:
         """Requests waiting at the backend that this gateway did not send (other replicas,
         direct clients), each costed at the endpoint's typical service time."""
         waiting = ep.num_requests_waiting or 0
@@ -182,10 +161,11 @@ class CacheAwarePolicy(Picker):
 
     def _lowest(self, estimates: list[_Estimate], best_reuse: int) -> _Estimate:
         weight = self.config.duplicate_weight
+        now = self._clock()
 
         def score(e: _Estimate) -> float:
             missing = best_reuse - e.reuse
-            dup = weight * missing * self.model(e.endpoint.id).speed.seconds_per_token if missing > 0 else 0.0
+            dup = weight * missing * self.model(e.endpoint.id).seconds_per_token(now) if missing > 0 else 0.0
             total = e.ttft + dup
             return math.inf if math.isnan(total) else total
 
@@ -203,10 +183,12 @@ class CacheAwarePolicy(Picker):
             return
         estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(endpoint, ctx)
         model = self.model(endpoint.id)
-        predicted_ttft = model.queue.ahead() + estimate.service
+        now = self._clock()
+        predicted_ttft = model.ahead(now) + estimate.service
         end = model.queue.dispatch(estimate.service)
-        ctx[_DISPATCH] = _Dispatch(endpoint.id, estimate.uncached, estimate.service, predicted_ttft,
-                                   self._clock(), end)
+        attempt = ctx[_DISPATCH] = Attempt(endpoint.id, estimate.uncached, estimate.service, predicted_ttft,
+                                           now, end, ctx.stream)
+        model.dispatch(attempt)
         ctx.log_fields["predicted_ttft_ms"] = round(predicted_ttft * 1000, 3)
 
     def first_byte(self, ctx: RequestContext, endpoint: Endpoint) -> None:
@@ -214,7 +196,9 @@ class CacheAwarePolicy(Picker):
         if sent is None or sent.endpoint != endpoint.id or sent.first_byte_seen:
             return
         sent.first_byte_seen = True
-        queue = self.model(endpoint.id).queue
+        model = self.model(endpoint.id)
+        model.settle(sent)
+        queue = model.queue
         if not ctx.stream:
             # A non-streamed answer's first byte comes after its whole decode: it says
             # nothing about prefill. Its predicted prefill already decayed from the queue.
@@ -222,9 +206,7 @@ class CacheAwarePolicy(Picker):
             return
         sent.observed_service = queue.first_byte(sent.predicted_end, sent.dispatched_at)
         actual = self._clock() - sent.dispatched_at
-        model = self.model(endpoint.id)
-        model.errors += 1
-        model.abs_error += (abs(actual - sent.predicted_ttft) - model.abs_error) / min(model.errors, 100)
+        model.record_error(actual, sent.predicted_ttft)
         ctx.log_fields["ttft_error_ms"] = round((actual - sent.predicted_ttft) * 1000, 3)
 
     def released(self, ctx: RequestContext, endpoint: Endpoint) -> None:
@@ -232,6 +214,7 @@ class CacheAwarePolicy(Picker):
         if sent is None or sent.endpoint != endpoint.id:
             return
         model = self.model(endpoint.id)
+        model.settle(sent)
         if not sent.first_byte_seen:
             model.queue.abandon(sent.predicted_end - self._clock())
             return
@@ -251,7 +234,7 @@ class CacheAwarePolicy(Picker):
             "endpoints": {
                 ep: {"prefill_rate_tokens_per_s": round(m.speed.rate, 1),
                      "overhead_ms": round(m.speed.overhead * 1000, 3), "samples": m.speed.samples,
-                     "queue_ms": round(m.queue.ahead() * 1000, 3), "pending_prefills": m.queue.pending,
+                     "queue_ms": round(m.ahead(self._clock()) * 1000, 3), "pending_prefills": m.queue.pending,
                      "mean_abs_ttft_error_ms": round(m.abs_error * 1000, 3)}
                 for ep, m in sorted(self._models.items())},
         }
@@ -260,7 +243,7 @@ class CacheAwarePolicy(Picker):
         out: list[tuple[str, str, float]] = []
         for ep, m in sorted(self._models.items()):
             out += [(ep, "prefill_rate_tokens_per_second", m.speed.rate), (ep, "overhead_seconds", m.speed.overhead),
-                    (ep, "queue_seconds", m.queue.ahead()), (ep, "ttft_abs_error_seconds", m.abs_error)]
+                    (ep, "queue_seconds", m.ahead(self._clock())), (ep, "ttft_abs_error_seconds", m.abs_error)]
         return out
 
 

@@ -14,6 +14,11 @@ observations. Pure: no I/O, an injectable clock, table-tested.
   extends `busy_until` by its predicted service; a first byte that arrives
   earlier or later than predicted shifts the requests behind it by the error;
   work that has run decays with the clock (nothing is held through decode).
+- `EndpointModel` joins the two per endpoint and reads the evidence of streamed
+  attempts still waiting for their first byte: the oldest one has been served
+  for at least `now - max(its dispatch, the last first byte)`, a lower bound on
+  the endpoint's time per token. An engine slower than believed is seen as soon
+  as its first request is overdue, not only once a sample completes.
 """
 
 from __future__ import annotations
@@ -118,3 +123,69 @@ class PrefillQueue:
         """The request is out of the prefill queue; its predicted work stays booked (it
         decays with the clock)."""
         self.pending = max(0, self.pending - 1)
+
+
+@dataclass(slots=True, eq=False)
+class Attempt:
+    """One dispatched attempt, from dispatch to release."""
+
+    endpoint: str
+    uncached: int
+    service: float  # predicted prefill seconds
+    predicted_ttft: float
+    dispatched_at: float
+    predicted_end: float
+    stream: bool
+    first_byte_seen: bool = False
+    observed_service: float | None = None  # streams only
+
+
+class EndpointModel:
+    """What the picker knows of one endpoint's speed and prefill queue."""
+
+    __slots__ = ("speed", "queue", "waiting", "errors", "abs_error")
+
+    def __init__(self, prior_rate: float, prior_overhead: float, forgetting: float,
+                 clock: Callable[[], float]) -> None:
+        self.speed = SpeedLearner(prior_rate, prior_overhead, forgetting)
+        self.queue = PrefillQueue(clock)
+        self.waiting: list[Attempt] = []  # streamed attempts without a first byte, in dispatch order
+        self.errors = 0
+        self.abs_error = 0.0  # running mean of |actual - predicted| TTFT, s
+
+    def seconds_per_token(self, now: float) -> float:
+        """The learned time per token, raised to what the oldest overdue stream proves."""
+        spt = self.speed.seconds_per_token
+        if self.waiting:
+            head = self.waiting[0]
+            served = now - max(head.dispatched_at, self.queue.last_first_byte)
+            if head.uncached > 0 and served > head.service:
+                spt = max(spt, (served - self.speed.overhead) / head.uncached)
+        return spt
+
+    def predict(self, uncached: int, now: float) -> float:
+        return self.speed.overhead + max(0, uncached) * self.seconds_per_token(now)
+
+    def ahead(self, now: float) -> float:
+        """Prefill seconds queued ahead of a new request: the booked queue, or, when the
+        streams waiting here prove the engine slower, their work at the proven speed."""
+        booked = self.queue.ahead(now)
+        if not self.waiting:
+            return booked
+        spt = self.seconds_per_token(now)
+        head = self.waiting[0]
+        served = now - max(head.dispatched_at, self.queue.last_first_byte)
+        proven = sum(self.speed.overhead + a.uncached * spt for a in self.waiting) - served
+        return max(booked, proven)
+
+    def dispatch(self, attempt: Attempt) -> None:
+        if attempt.stream:
+            self.waiting.append(attempt)
+
+    def settle(self, attempt: Attempt) -> None:
+        if attempt in self.waiting:
+            self.waiting.remove(attempt)
+
+    def record_error(self, actual: float, predicted: float) -> None:
+        self.errors += 1
+        self.abs_error += (abs(actual - predicted) - self.abs_error) / min(self.errors, 100)

@@ -185,3 +185,20 @@ def test_a_non_streamed_first_byte_teaches_nothing_about_prefill() -> None:
     picker.first_byte(ctx, a)
     picker.released(ctx, a)
     assert picker.model("a").speed.samples == 0 and picker.model("a").queue.pending == 0
+
+
+def test_an_overdue_stream_proves_an_engine_slower_before_any_sample() -> None:
+    """Cold start: nothing learned yet, one stream dispatched to `slow` is long overdue.
+    New prompts go to `fast` (the old prior alone would rate both the same)."""
+    clock = Clock()
+    picker, (slow, fast) = CacheAwarePolicy(clock=clock), fleet("slow", "fast")
+    send(picker, [slow], request())  # predicted ~0.14 s at the prior's 8000 tokens/s
+    send(picker, [fast], request())
+    clock.now += 0.15
+    picker.first_byte(last_fast := request(), fast)  # unrelated ctx: ignored
+    assert last_fast.log_fields == {}
+    clock.now += 2.0  # slow has been prefilling for 2.15 s without a first byte
+    model = picker.model("slow")
+    assert model.seconds_per_token(clock.now) > 1.5 / PROMPT
+    assert model.predict(PROMPT, clock.now) > 2.0  # the next cold prompt would take as long there
+    assert picker.pick([slow, fast], request()).endpoint is fast
