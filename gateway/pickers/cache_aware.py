@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,7 @@ class CacheAwarePolicy(Picker):
         self._models: dict[str, EndpointModel] = {}
         self._tokens = TokenScoring(self.config) if self.config.scoring == "tokens" else None
         self._turn = 0
+        self._recent: deque[str] = deque(maxlen=self.config.share_window)  # endpoints of the last picks
         self.slo_requests = 0
         self.slo_unmeetable = 0
 
@@ -102,6 +104,7 @@ class CacheAwarePolicy(Picker):
         scored = self._within_slo([estimates[ep.id] for ep in pool], ctx)
         ctx.scores = {e.endpoint.id: round(e.ttft * 1000, 3) for e in scored}
         chosen = self._lowest(scored, best_reuse)
+        self._recent.append(chosen.endpoint.id)
         if best_reuse == 0:
             return Choice(chosen.endpoint, DecisionKind.NO_HINT)
         if chosen.reuse >= best_reuse:
@@ -123,11 +126,26 @@ class CacheAwarePolicy(Picker):
         if len(pool) < len(candidates):
             ctx.log_fields["saturated"] = sorted(ep.id for ep in candidates if ep not in pool)
         low = min(request_load(ep) for ep in pool)
-        kept = [ep for ep in pool if not (request_load(ep) - low > cfg.balance_abs_threshold
-                                          and request_load(ep) > cfg.balance_rel_threshold * low)]
+        over_share = self._over_share(pool)
+        kept = [ep for ep in pool if ep.id not in over_share and not (
+            request_load(ep) - low > cfg.balance_abs_threshold and request_load(ep) > cfg.balance_rel_threshold * low)]
+        kept = kept or pool
         if len(kept) < len(pool):
             ctx.log_fields["overloaded"] = sorted(ep.id for ep in pool if ep not in kept)
         return kept
+
+    def _over_share(self, pool: Sequence[Endpoint]) -> set[str]:
+        """Endpoints that took more than `max_share` times their fair share of the last
+        `share_window` picks, fair being proportional to each one's learned prefill rate
+        (a fast engine may take more than a slow one): one hot tenant cannot take one backend."""
+        cfg = self.config
+        picks = len(self._recent)
+        if cfg.max_share <= 0 or len(pool) < 2 or picks < cfg.share_window // 2:
+            return set()
+        counts = Counter(self._recent)
+        rates = {ep.id: self.model(ep.id).speed.rate for ep in pool}
+        total = sum(rates.values())
+        return {ep.id for ep in pool if counts[ep.id] > cfg.max_share * picks * rates[ep.id] / total}
 
     def _estimate(self, ep: Endpoint, ctx: RequestContext) -> _Estimate:
         n = _prompt_tokens(ctx)

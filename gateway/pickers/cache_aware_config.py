@@ -18,6 +18,10 @@ class CacheAwareConfig:
     balance_rel_threshold: float = 1.5
     max_waiting: int = 16
     max_kv_usage: float = 0.95
+    # Share guard (scoring: ttft): an endpoint that took more than max_share times its fair
+    # share (by learned prefill rate) of the last share_window picks is left out. 0: off.
+    max_share: float = 1.5
+    share_window: int = 64
     # scoring: tokens
     cache_weight: float = 1.0
     load_weight: float = 1.0
@@ -26,9 +30,10 @@ class CacheAwareConfig:
     prior_prefill_rate: float = 8000.0  # tokens/s
     prior_overhead: Seconds = 0.005
     forgetting: float = 0.98
-    # Seconds charged per second of prefill a candidate would spend duplicating a
-    # prefix another endpoint already holds (the copy evicts others' prefixes there).
-    duplicate_weight: float = 0.5
+    # Seconds charged per second of prefill a candidate would spend duplicating a prefix
+    # another endpoint already holds. 1: the whole duplicated prefill, since every later
+    # request at that endpoint waits behind it (and the copy evicts others' prefixes there).
+    duplicate_weight: float = 1.0
     slo_header: str = "x-kvgate-ttft-slo-ms"  # per-request TTFT objective, in ms
 
     def __post_init__(self) -> None:
@@ -49,5 +54,9 @@ class CacheAwareConfig:
             raise FieldError("prior_overhead", f"must be in [0, 60s), got {self.prior_overhead}")
         if not 0.5 <= self.forgetting <= 1:
             raise FieldError("forgetting", f"must be in [0.5, 1], got {self.forgetting}")
+        if not (self.max_share == 0 or self.max_share >= 1):
+            raise FieldError("max_share", f"must be 0 (off) or >= 1, got {self.max_share}")
+        if self.share_window < 2:
+            raise FieldError("share_window", f"must be >= 2, got {self.share_window}")
         if not self.slo_header:
             raise FieldError("slo_header", "must name a header")

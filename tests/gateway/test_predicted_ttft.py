@@ -61,6 +61,27 @@ def test_a_prefix_still_prefilling_counts_as_a_future_hit() -> None:
     assert (choice.endpoint.id, choice.kind) == ("a", DecisionKind.CACHE_HIT)
 
 
+def test_one_hot_prefix_cannot_take_one_backend() -> None:
+    """After a window of picks all on `a` (one hot tenant), `a` is over its fair share:
+    the next request of that prefix goes to `b` (the prefix is copied there)."""
+    picker = CacheAwarePolicy(CacheAwareConfig(share_window=8, max_share=1.5), clock=Clock())
+    a, b = fleet("a", "b")
+    choices = [picker.pick([a, b], request({"a": 1088})) for _ in range(6)]
+    assert [c.endpoint.id for c in choices[:4]] == ["a"] * 4  # half a window: the guard is not armed yet
+    assert choices[4].endpoint.id == "b" and choices[4].kind is DecisionKind.BALANCE
+    assert picker.pick([a, b], request({"a": 1088, "b": 1088})).endpoint.id in ("a", "b")
+
+
+def test_a_fast_engine_may_take_more_than_an_even_share() -> None:
+    clock = Clock()
+    picker = CacheAwarePolicy(CacheAwareConfig(share_window=20, max_share=1.5), clock=clock)
+    slow, fast = fleet("slow", "fast")
+    teach(picker, clock, slow, rate=900.0)
+    teach(picker, clock, fast, rate=9000.0)
+    picks = [picker.pick([slow, fast], request({"fast": 1088})).endpoint.id for _ in range(20)]
+    assert picks.count("fast") == 20  # ~91% of the capacity: 1.5x its share is never reached
+
+
 def test_without_a_duplicate_cost_the_idle_endpoint_is_faster() -> None:
     picker, (a, b) = CacheAwarePolicy(CacheAwareConfig(duplicate_weight=0.0), clock=Clock()), fleet("a", "b")
     send(picker, [a], request())
