@@ -7,12 +7,14 @@ WORKDIR /app
 
 # Dependencies first so source edits do not reinstall them.
 COPY pyproject.toml ./
-RUN mkdir -p gateway filters kvproto mlxd testbed kvbench \
- && for p in gateway filters kvproto mlxd testbed kvbench; do touch $p/__init__.py; done \
+RUN mkdir -p kvkernel kvtok gateway filters kvproto mlxd testbed kvbench \
+ && for p in kvkernel kvtok gateway filters kvproto mlxd testbed kvbench; do touch $p/__init__.py; done \
  && touch README.md \
- && pip install ".[mlx]" \
+ && pip install ".[mlx,testbed]" \
  && pip uninstall -y kvgate
 
+COPY kvkernel kvkernel
+COPY kvtok kvtok
 COPY gateway gateway
 COPY filters filters
 COPY kvproto kvproto

@@ -34,7 +34,8 @@ def register(type_name: str) -> Callable[[F], F]:
 
     def wrap(cls: F) -> F:
         if type_name in _REGISTRY:
-            raise ValueError(f"filter type {type_name!r} registered twice ({_REGISTRY[type_name].__module__}, {cls.__module__})")
+            first = _REGISTRY[type_name].__module__
+            raise ValueError(f"filter type {type_name!r} registered twice ({first}, {cls.__module__})")
         cls.type_name = type_name
         _REGISTRY[type_name] = cls
         return cls

@@ -86,7 +86,8 @@ class TokenizerConfig:
                 raise FieldError("model_dir", f"no tokenizer.json in {self.model_dir!r}")
         if self.backend == "remote":
             if not self.endpoint or not self.endpoint.startswith(("http://", "https://")):
-                raise FieldError("endpoint", f"required when backend is 'remote': an http(s) URL, got {self.endpoint!r}")
+                raise FieldError(
+                    "endpoint", f"required when backend is 'remote': an http(s) URL, got {self.endpoint!r}")
         if self.timeout <= 0:
             raise FieldError("timeout", f"must be > 0, got {self.timeout}")
         if self.min_chars_offload < 0:

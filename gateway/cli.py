@@ -1,12 +1,14 @@
 """The `kvgate` command line: one dispatcher, each subcommand owned by its package.
 
 Subcommands are imported lazily so that `kvgate serve` never pays for MLX or the
-testbed, and a broken optional part cannot break the gateway's CLI.
+testbed, and a broken optional part cannot break the gateway's CLI. A command whose
+extra is not installed says which extra to install instead of printing a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,10 +25,35 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvbench.cli:main", "benchmarks: kvgate bench {overhead,mlx,routing,cache-round}"),
 }
 
+# The extra that installs each optional command's third-party dependencies.
+EXTRAS: dict[str, str] = {
+    "make-tiny-model": "mlx",
+    "mlx-serve": "mlx",
+    "mock-lmcache": "testbed",
+    "sim-vllm": "testbed",
+    "smoke": "testbed",
+    "demo": "testbed",
+    "bench": "bench",
+}
+
+# Third-party modules only an extra installs: a missing one names its own extra, so that
+# `kvgate demo` (which builds a tiny MLX model) or `kvgate bench mlx` point at `mlx`.
+MODULE_EXTRAS: dict[str, str] = {
+    "mlx": "mlx",
+    "mlx_lm": "mlx",
+    "numpy": "mlx",
+    "zstandard": "mlx",
+    "psutil": "bench",
+    "matplotlib": "bench",
+    "tqdm": "bench",
+}
+
+PROJECT_PACKAGES = frozenset({"kvkernel", "kvtok", "kvproto", "filters", "gateway", "mlxd", "testbed", "kvbench"})
+
 
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: kvgate <command> [options]", "", "commands:"]
+    lines = ["usage: kvgate <command> [options]  |  kvgate --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -38,16 +65,44 @@ def _resolve(target: str) -> Callable[[Sequence[str]], int]:
     return func
 
 
+def version() -> str:
+    """The installed distribution's version, or the source tree's when not installed."""
+    try:
+        return importlib.metadata.version("kvgate")
+    except importlib.metadata.PackageNotFoundError:
+        from gateway import __version__
+
+        return __version__
+
+
+def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
+    """The extra that would supply the module `error` names, or None if no extra would."""
+    top = (error.name or "").split(".")[0]
+    if command not in EXTRAS or not top or top in PROJECT_PACKAGES:
+        return None
+    return MODULE_EXTRAS.get(top, EXTRAS[command])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        print(f"kvgate {version()}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
         print(f"kvgate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return _resolve(SUBCOMMANDS[name][0])(rest)
+    try:
+        return _resolve(SUBCOMMANDS[name][0])(rest)
+    except ModuleNotFoundError as error:
+        extra = missing_extra(name, error)
+        if extra is None:
+            raise
+        print(f"kvgate {name} needs the {extra!r} extra: pip install 'kvgate[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

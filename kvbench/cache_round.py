@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import inspect
 import statistics
 import sys
 import time
@@ -116,10 +115,7 @@ def _fill(manager: CacheManager, clock: _Clock, prefixes: int) -> None:
 
 
 async def _round(manager: CacheManager, loads: list[InstanceLoad]) -> int:
-    result = manager.maybe_run(loads, 0.9)
-    if inspect.isawaitable(result):
-        result = await result
-    return len(result)
+    return len(await manager.maybe_run(loads, 0.9))
 
 
 async def measure(prefixes: int, rounds: int) -> dict[str, float]:

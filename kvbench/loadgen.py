@@ -201,6 +201,8 @@ class LoadgenProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(5)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             self._proc = None
 
 

@@ -222,7 +222,7 @@ def run_benchmark(opts: Options) -> tuple[list[Scenario], dict[str, TargetStats]
         finally:
             loadgen.close()
             stack.stop()
-        log_lines = {name: sum(1 for _ in path.open()) if path.exists() else 0
+        log_lines = {name: len(path.read_text().splitlines()) if path.exists() else 0
                      for name, path in stack.access_logs.items()}
     stats = {f"{s.key}/{t}": summarize(s.results[t], s.cpu_s[t]) for s in plan for t in s.targets}
     info = RunInfo(opts.rounds, opts.workers, log_lines, others, opts.baseline_tree, profile)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install kvgate with its MLX, test and bench extras (idempotent; re-runs when pyproject changes).
+# Create .venv and install kvgate with every extra CI and the demo need: mlx, testbed, bench, test.
+# Idempotent; re-runs when pyproject changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -17,5 +18,5 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepi
 fi
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[mlx,test,bench]"
+.venv/bin/python -m pip install -q -e ".[mlx,testbed,bench,test]"
 touch "$STAMP"

@@ -18,8 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-FAKE_KEY = web.AppKey("fake_backend", "FakeBackend")
-
 
 @dataclass
 class FakeBackend:
@@ -36,6 +34,9 @@ class FakeBackend:
     cancelled: int = 0  # streams whose client went away mid-generation
     requests: list[dict[str, Any]] = field(default_factory=list)
     seen_headers: list[dict[str, str]] = field(default_factory=list)
+
+
+FAKE_KEY = web.AppKey("fake_backend", FakeBackend)
 
 
 def completion_body(fake: FakeBackend, chat: bool, prompt_tokens: int) -> dict[str, Any]:

@@ -119,7 +119,8 @@ class Smoke:
             r.status == 200 and r.endpoint == WARM_BACKEND[0] and (r.cached_tokens or 0) > 0 for r in replies)
         return Check("repeated long prefix lands on the backend holding it", ok,
                      f"{len(tokens)} prompt tokens, controller credits {WARM_BACKEND[0]} with {held}; "
-                     f"repeats went to {[r.endpoint for r in replies]} with cached {[r.cached_tokens for r in replies]}")
+                     f"repeats went to {[r.endpoint for r in replies]} "
+                     f"with cached {[r.cached_tokens for r in replies]}")
 
     async def _wait_lookup(self, tokens: list[int], instance: str, timeout: float = 10.0) -> int:
         controller = self.stack.url(*CONTROLLER)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPOT grows by this fraction per extra running sequence")
     p.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len)
     p.add_argument("--lmcache-controller", metavar="HOST", help="LMCache controller host to report chunks to")
-    p.add_argument("--lmcache-ports", metavar="JSON", help='controller monitor ports: {"pull":P,"reply":R,"heartbeat":H}')
+    p.add_argument("--lmcache-ports", metavar="JSON",
+                   help='controller monitor ports: {"pull":P,"reply":R,"heartbeat":H}')
     p.add_argument("--lmcache-worker-ip", default="127.0.0.1",
                    help="address the control REP socket binds and the controller connects to")
     p.add_argument("--lmcache-worker-port", type=int, default=0, help="control REP port (0: any free)")

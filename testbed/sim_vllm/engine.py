@@ -126,7 +126,9 @@ class Engine:
         used = self.cache.referenced_blocks + self._private_blocks
         return min(1.0, used / self.cache.capacity_blocks)
 
-    async def generate(self, prompt: Sequence[int], max_tokens: int, result: RequestResult) -> AsyncGenerator[int, None]:
+    async def generate(
+        self, prompt: Sequence[int], max_tokens: int, result: RequestResult
+    ) -> AsyncGenerator[int, None]:
         """Yield `max_tokens` output ids on the modelled schedule. Always close it (`aclosing`)."""
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -82,8 +82,8 @@ async def test_controller_errors_degrade_to_local_index(make_rig: Any) -> None:
     await complete(rig.filter, "b")
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].reason, ctx[CACHE_HINTS].matched_tokens) == ("local-index", "lmcache_unavailable",
-                                                                            {"b": 1024})
+    hints = ctx[CACHE_HINTS]
+    assert (hints.tier, hints.reason, hints.matched_tokens) == ("local-index", "lmcache_unavailable", {"b": 1024})
     assert route.call_count == 2  # lookup_retry is off by default: one attempt per request
     route.mock(return_value=httpx.Response(200, json={"no": "layout"}))
     ctx = ctx_for()
@@ -147,7 +147,8 @@ async def test_without_controller_the_local_index_decides(make_rig: Any) -> None
     await complete(rig.filter, "a", PROMPT[:700])
     ctx = ctx_for()
     await rig.filter.on_request(ctx)
-    assert (ctx[CACHE_HINTS].tier, ctx[CACHE_HINTS].matched_tokens, ctx[CACHE_HINTS].lookup_ms) == ("local-index", {"a": 512}, None)
+    hints = ctx[CACHE_HINTS]
+    assert (hints.tier, hints.matched_tokens, hints.lookup_ms) == ("local-index", {"a": 512}, None)
 
 
 async def test_query_instance_mapping_resolves_in_background(make_rig: Any) -> None:

@@ -43,7 +43,8 @@ def _sent(route: respx.Route) -> Any:
 
 async def test_lookup_posts_tokens_and_parses_array_layout(client: LMCacheClient, router: respx.MockRouter) -> None:
     route = router.post("/lookup").respond(200, json={
-        "event_id": "Lookup-1", "layout_info": {"mlx-a": ["LocalCPUBackend", 512], "vllm-1": ["LocalDiskBackend", 256]}})
+        "event_id": "Lookup-1",
+        "layout_info": {"mlx-a": ["LocalCPUBackend", 512], "vllm-1": ["LocalDiskBackend", 256]}})
     result = await client.lookup(range(600))
     assert _sent(route) == {"tokens": list(range(600))}
     assert result == LookupResult("Lookup-1", {"mlx-a": ("LocalCPUBackend", 512), "vllm-1": ("LocalDiskBackend", 256)})

@@ -281,7 +281,8 @@ async def test_non_json_error_body_detail(http: httpx.AsyncClient, router: respx
 
 
 async def test_every_error_is_an_lmcache_error(http: httpx.AsyncClient, router: respx.MockRouter) -> None:
-    router.post("/clear").mock(side_effect=[httpx.Response(400), httpx.ConnectError("x"), httpx.Response(200, text="?")])
+    router.post("/clear").mock(
+        side_effect=[httpx.Response(400), httpx.ConnectError("x"), httpx.Response(200, text="?")])
     client = make(http, retry=RetrySettings(max_attempts=1))
     for _ in range(3):
         with pytest.raises(LMCacheError):

@@ -255,7 +255,8 @@ def test_cache_key_covers_template_inputs() -> None:
     assert base == cache_key(chat())
     assert base != cache_key(chat(add_generation_prompt=False))
     assert base != cache_key(chat(chat_template_kwargs={"x": 1}))
-    assert cache_key(chat(chat_template_kwargs={"a": 1, "b": 2})) == cache_key(chat(chat_template_kwargs={"b": 2, "a": 1}))
+    assert (cache_key(chat(chat_template_kwargs={"a": 1, "b": 2}))
+            == cache_key(chat(chat_template_kwargs={"b": 2, "a": 1})))
     assert cache_key(completion("x")) != base
 
 

@@ -81,7 +81,8 @@ def test_gateway_process_tunes_the_cyclic_collector() -> None:
     import subprocess
     import sys
 
-    code = "import gc; from gateway.serve import tune_gc; tune_gc(); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    code = ("import gc; from gateway.serve import tune_gc; tune_gc(); "
+            "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["7000", "True"]
 

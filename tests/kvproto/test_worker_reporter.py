@@ -268,6 +268,7 @@ async def test_close_is_bounded_with_a_dead_controller(
     await rep.close()
     await rep.close()  # idempotent
     assert time.monotonic() - t0 < 3.0
+    await ctl.close()
 
 
 async def test_busy_control_port_fails_start_and_close_still_works(
@@ -285,6 +286,7 @@ async def test_busy_control_port_fails_start_and_close_still_works(
     finally:
         await clash.close()
         await first.close()
+        await ctl.close()
 
 
 async def test_a_lost_evict_report_reregisters_so_the_controller_drops_the_key(

@@ -39,7 +39,8 @@ def test_tools_render_as_json_without_html_escaping(ct: ChatTokenizer) -> None:
     tools = [{"type": "function", "function": {"name": "lt<gt>&", "parameters": {}}}]
     text = ct.render_chat([{"role": "user", "content": "x"}], tools=tools)
     assert '"name": "lt<gt>&"' in text
-    assert chat_ids(ct, {"messages": [{"role": "user", "content": "x"}], "tools": tools}) == ct.encode_prompt(text, False)
+    request = {"messages": [{"role": "user", "content": "x"}], "tools": tools}
+    assert chat_ids(ct, request) == ct.encode_prompt(text, False)
 
 
 def test_chat_template_kwargs_reach_the_template(tiny_model_dir: Path) -> None:
@@ -75,7 +76,8 @@ def test_template_raise_exception_is_a_prompt_error(ct: ChatTokenizer) -> None:
 
 
 def test_module_does_not_import_mlx() -> None:
-    code = "import sys, kvtok.chat_tokens; print(any(m.startswith(('mlx.', 'mlx_lm')) or m == 'mlx' for m in sys.modules))"
+    code = ("import sys, kvtok.chat_tokens; "
+            "print(any(m.startswith(('mlx.', 'mlx_lm')) or m == 'mlx' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

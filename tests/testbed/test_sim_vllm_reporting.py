@@ -79,7 +79,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         procs.append(sim)
         sim.wait_http(f"http://127.0.0.1:{sim_port}/health")
-        yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{sim_port}")
+        stack = Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{sim_port}")
+        try:
+            yield stack
+        finally:
+            stack.http.close()
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -74,7 +74,9 @@ def test_requests_succeed_with_the_controller_killed(checks: dict[str, Check]) -
     _assert(checks["controller"])
 
 
-def test_gateway_wrote_one_access_log_line_per_request(checks: dict[str, Check], tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_gateway_wrote_one_access_log_line_per_request(
+    checks: dict[str, Check], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     logs = list(Path(tmp_path_factory.getbasetemp()).glob("smoke*/logs/access.jsonl"))
     assert logs, "the gateway's access log (relative to its working dir) exists"
     lines = logs[0].read_text().splitlines()
