@@ -29,7 +29,8 @@ from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controlle
 from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd, start_kvgate
 
 ORACLE = "oracle"
-NOT_CACHE_AWARE = frozenset({"round_robin", "least_inflight", "random", "consistent_hash"})  # kvgate baselines: no cache filters
+# kvgate baselines: no cache filters
+NOT_CACHE_AWARE = frozenset({"round_robin", "least_inflight", "random", "consistent_hash"})
 
 
 @dataclass(frozen=True, slots=True)

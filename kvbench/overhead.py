@@ -53,6 +53,25 @@ filters:
 """
 
 
+FULL_CHAIN_YAML = """\
+server: {{host: {host}, port: {port}, workers: {workers}}}
+clusters:
+  - name: bench
+    picker: {{type: cache_aware}}
+    endpoints:
+      - {{id: fake-1, url: "http://{host}:{backend_port}", kind: vllm}}
+routes:
+  - {{match: {{prefix: /v1/}}, cluster: bench}}
+filters:
+  - type: prompt
+  - type: tokenizer
+    config: {{backend: local, model_dir: "{model_dir}", cache: {{max_size: 0}}}}
+  - type: kvcache
+  - type: access-log
+    config: {{path: "{access_log}"}}
+"""
+
+
 @dataclass(frozen=True)
 class Options:  # not slotted: parse_args reads the class defaults
     requests: int = 4000  # per round, at the high concurrency
@@ -66,6 +85,7 @@ class Options:  # not slotted: parse_args reads the class defaults
     baseline_tree: Path | None = None  # also measure a gateway served from this source tree
     py_spy: bool = False  # after the rounds, sample the gateway with py-spy under one more round
     bare_relay: bool = True  # also measure the leanest aiohttp relay (kvbench.bare_relay)
+    full_chain: bool = True  # also measure the whole cache-aware chain (gateway-full)
 
 
 @dataclass
@@ -98,8 +118,9 @@ def _start_gateway(name: str, workdir: Path, port: int, backend_port: int, opts:
                    tree: Path | None) -> tuple[ManagedProcess, Path]:
     access_log = workdir / f"{name}-access.jsonl"
     config = workdir / f"{name}.yaml"
-    config.write_text(GATEWAY_YAML.format(host=HOST, port=port, backend_port=backend_port,
-                                          workers=opts.workers, access_log=access_log))
+    template = FULL_CHAIN_YAML if name == "gateway-full" else GATEWAY_YAML
+    config.write_text(template.format(host=HOST, port=port, backend_port=backend_port, workers=opts.workers,
+                                      access_log=access_log, model_dir=workdir / "model"))
     args = kvgate_cmd("serve", "-c", str(config), "--log-level", "WARNING")
     if opts.cprofile is not None and tree is None:
         args = [sys.executable, "-m", "cProfile", "-o", str(opts.cprofile), *args[1:]]
@@ -115,13 +136,18 @@ def _start_gateway(name: str, workdir: Path, port: int, backend_port: int, opts:
 
 def start_stack(workdir: Path, opts: Options) -> Stack:
     """Start the fake backend and the gateway(s) on free ports; wait until all answer."""
-    backend_port, gateway_port, baseline_port, relay_port = free_ports(4)
+    backend_port, gateway_port, baseline_port, relay_port, full_port = free_ports(5)
     backend = ManagedProcess("direct", [sys.executable, "-m", "testbed.fake_openai", "--port", str(backend_port)],
                              workdir / "fake-backend.log").start()
     stack = Stack({"direct": backend}, {"direct": f"http://{HOST}:{backend_port}/v1/completions"}, {})
     gateways: dict[str, tuple[int, Path | None]] = {"gateway": (gateway_port, None)}
     if opts.baseline_tree is not None:
         gateways["baseline"] = (baseline_port, opts.baseline_tree.resolve())
+    if opts.full_chain:
+        from mlxd.tiny_model import write_model
+
+        write_model(workdir / "model", "tiny", seed=0)
+        gateways["gateway-full"] = (full_port, None)
     try:
         for name, (port, tree) in gateways.items():
             stack.processes[name], stack.access_logs[name] = _start_gateway(name, workdir, port, backend_port,
@@ -244,6 +270,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--baseline-tree", type=Path, help="also measure the gateway of this source tree")
     parser.add_argument("--no-bare-relay", action="store_true",
                         help="skip the reference path through a minimal aiohttp relay")
+    parser.add_argument("--no-full-chain", action="store_true",
+                        help="skip the gateway running the whole cache-aware chain (gateway-full)")
     parser.add_argument("--py-spy", action="store_true",
                         help="after the rounds, break the gateway's CPU down by component with py-spy")
     parser.add_argument("--cprofile", type=Path, help="run the gateway under cProfile, write stats here "
@@ -258,7 +286,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--py-spy needs py-spy installed (pip install py-spy), --workers 1 and no --cprofile")
     return Options(args.requests, args.serial_requests, args.rounds, args.concurrency, max(1, args.warmup),
                    args.workers, None if args.no_write else args.output, args.cprofile, args.baseline_tree,
-                   args.py_spy, not args.no_bare_relay)
+                   args.py_spy, not args.no_bare_relay, not args.no_full_chain)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -170,6 +170,22 @@ def _relay_note(plan: Sequence[Scenario], stats: dict[str, TargetStats]) -> list
                 f"on this machine."]
 
 
+def _ratio_table(plan: Sequence[Scenario], stats: dict[str, TargetStats]) -> list[str]:
+    """CPU per request of each gateway path against the bare relay (the price of an aiohttp
+    hop) and, for the full chain, against the plain chain: issue budgets, same run."""
+    high = max(s.concurrency for s in plan)
+    cpu = {t: stats[f"non-streaming@c{high}/{t}"].cpu_us_per_request for t in plan[0].targets}
+    if "bare-relay" not in cpu:
+        return []
+    lines = [f"CPU per request, non-streaming c={high}, against the bare relay ({cpu['bare-relay']:.0f} µs) "
+             "and the plain chain, same run:", "", "| path | CPU µs/req | / bare-relay | / gateway (plain chain) |",
+             "|---|---:|---:|---:|"]
+    for t in ("gateway", "baseline", "gateway-full"):
+        if t in cpu:
+            lines.append(f"| {t} | {cpu[t]:.0f} | {cpu[t] / cpu['bare-relay']:.2f} | {cpu[t] / cpu['gateway']:.2f} |")
+    return lines
+
+
 def render(plan: Sequence[Scenario], stats: dict[str, TargetStats], info: RunInfo) -> str:
     """The markdown section: setup, per-path figures, what the gateway adds, targets."""
     counts = ", ".join(f"{s.count} at c={s.concurrency}" for s in plan if not s.stream)
@@ -178,6 +194,10 @@ def render(plan: Sequence[Scenario], stats: dict[str, TargetStats], info: RunInf
                 if info.baseline_tree else "")
     relay = (" `bare-relay` is `kvbench.bare_relay`, the leanest aiohttp relay (no filters, metrics, header "
              "policy or retries): the price of an aiohttp hop itself." if "bare-relay" in plan[0].targets else "")
+    if "gateway-full" in plan[0].targets:
+        relay += (" `gateway-full` runs the whole cache-aware chain (prompt, tokenizer in process from a generated "
+                  "tiny model with its token cache off so every request is tokenized, kvcache without a controller, "
+                  "access-log) and the predicted-TTFT `cache_aware` picker.")
     lines = [
         "### Gateway overhead (`kvgate bench overhead`)",
         "",
@@ -195,6 +215,8 @@ def render(plan: Sequence[Scenario], stats: dict[str, TargetStats], info: RunInf
         *_added_table(plan, stats),
         "",
         *_goal_table(plan, stats),
+        "",
+        *_ratio_table(plan, stats),
         "",
         _ceiling_note(plan, stats, info.workers),
         *_relay_note(plan, stats),

@@ -33,7 +33,8 @@ filters:
 
 
 @pytest.mark.parametrize("filters,path,words", [
-    (["prompt", "kvcache", "tokenizer"], "filters[1](kvcache)", "'tokens' but a filter that produces it (tokenizer) comes later"),
+    (["prompt", "kvcache", "tokenizer"], "filters[1](kvcache)",
+     "'tokens' but a filter that produces it (tokenizer) comes later"),
     (["tokenizer", "kvcache"], "filters[0](tokenizer)", "'prompt' but no filter in the chain produces it"),
     (["prompt", "access-log"], "clusters[0].lb_policy", "needs 'cache_hints' from the filter chain"),
 ])

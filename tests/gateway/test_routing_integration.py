@@ -22,9 +22,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbench.routing import start_sims
 from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller, wait_for_layout
 from testbed.procs import HOST, ManagedProcess, free_ports, start_kvgate
+from testbed.sim_vllm.harness import start_sims
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvbench.routing import start_sims
 from testbed.mock_lmcache.harness import ControllerProcess, start_mock_controller, wait_for_layout
 from testbed.procs import HOST, ManagedProcess, free_ports, start_kvgate
+from testbed.sim_vllm.harness import start_sims
 from tests.conftest import wait_until
 from tests.gateway.test_routing_integration import metric, prefix, words
 

@@ -26,7 +26,7 @@ def test_every_request_is_answered_on_every_path(bench: tuple) -> None:
     assert [(s.name, s.concurrency) for s in plan] == [
         ("non-streaming", 8), ("streaming", 8), ("non-streaming", 1), ("streaming", 1)]
     for s in plan:
-        assert list(s.targets) == ["direct", "gateway", "bare-relay"]
+        assert list(s.targets) == ["direct", "gateway", "gateway-full", "bare-relay"]
         for target in s.targets:
             assert len(s.results[target]) == TINY.rounds
             x = stats[f"{s.key}/{target}"]
@@ -49,7 +49,7 @@ def test_the_gateway_really_ran_the_chain(bench: tuple) -> None:
     plan, _, info = bench
     warmups = sum(min(TINY.warmup, s.count) for s in plan)
     measured = sum(s.count for s in plan) * TINY.rounds
-    assert info.access_log_lines == {"gateway": warmups + measured}
+    assert info.access_log_lines == {"gateway": warmups + measured, "gateway-full": warmups + measured}
 
 
 def test_report_names_every_path_and_target(bench: tuple, tmp_path: Path) -> None:
@@ -59,6 +59,7 @@ def test_report_names_every_path_and_target(bench: tuple, tmp_path: Path) -> Non
         for target in s.targets:
             assert f"| {s.name} c={s.concurrency} | {target} |" in text
     assert "Against the bare aiohttp relay: CPU" in text
+    assert "| gateway-full |" in text and "/ bare-relay" in text  # the same-run CPU ratios
     rows = [g.row() for g in goals(stats, TINY.concurrency)]
     assert len(rows) == 4 and all(row in text for row in rows)
     assert all(" met |" in row or "missed by" in row for row in rows)

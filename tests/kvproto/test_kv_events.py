@@ -78,7 +78,8 @@ def test_tolerates_extra_trailing_fields_and_old_short_forms() -> None:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ([1.0, [["BlockStored", [1], None, ["x"], 2, None, "GPU"]]], r"events\[0\]\(BlockStored\).token_ids\[0\]: expected int"),
+    ([1.0, [["BlockStored", [1], None, ["x"], 2, None, "GPU"]]],
+     r"events\[0\]\(BlockStored\).token_ids\[0\]: expected int"),
     ([1.0, [["BlockStored", [1], None, [1, 2]]]], r"events\[0\]\(BlockStored\).block_size: missing"),
     ([1.0, [{"type": "BlockRemoved", "medium": "GPU"}]], r"events\[0\]\(BlockRemoved\).block_hashes: missing"),
     ([1.0, [["BlockMoved", [1]]]], r"events\[0\]: unknown event tag 'BlockMoved'"),
