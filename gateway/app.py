@@ -21,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.monitor import EndpointMonitor
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.proxy import Proxy
+from gateway.routes import RouteTable
 from gateway.state import STATE_KEY, GatewayState
 
 
@@ -36,7 +37,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
         clusters=ClusterRegistry(clusters),
         pickers={name: p.build() for name, p in plan.pickers.items()},
         metrics=GatewayMetrics(),
-        routes=sorted(((r.match.prefix, r.cluster) for r in config.routes), key=lambda r: -len(r[0])),
+        routes=RouteTable(config.routes),
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, handler_args={"max_field_size": 16384})
     app[STATE_KEY] = state
