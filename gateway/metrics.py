@@ -29,6 +29,19 @@ class GatewayMetrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.ttfb = Histogram("kvgate_time_to_first_byte_seconds", "Time to first byte", ["cluster"], registry=r,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        tokens = ["cluster", "endpoint", "model"]
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens the backends reported", tokens,
+                                     registry=r)
+        self.cached_tokens = Counter("kvgate_cached_tokens", "Prompt tokens served from the backends' prefix cache",
+                                     tokens, registry=r)
+        self.completion_tokens = Counter("kvgate_completion_tokens", "Completion tokens the backends reported",
+                                         tokens, registry=r)
+        self.ttft = Histogram("kvgate_time_to_first_token_seconds", "Time to first token (streams)",
+                              ["cluster", "model"], registry=r,
+                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Time per output token after the first "
+                              "(streams)", ["cluster", "model"], registry=r,
+                              buckets=(.001, .0025, .005, .01, .02, .04, .06, .08, .1, .15, .2, .3, .5, 1))
         self.retries = Counter("kvgate_upstream_retries", "Attempts beyond the first", ["cluster"], registry=r)
         self.inflight = Gauge("kvgate_endpoint_inflight", "In-flight requests", ["endpoint"], registry=r)
         self.healthy = Gauge("kvgate_endpoint_healthy", "1 if the endpoint passes health checks",
@@ -60,6 +73,24 @@ class GatewayMetrics:
             self.child(self.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
         if ctx.retries:
             self.child(self.retries, cluster).inc(ctx.retries)
+        if ctx.status == 200:
+            self.observe_tokens(ctx, cluster)
+
+    def observe_tokens(self, ctx: RequestContext, cluster: str) -> None:
+        """Token counters, TTFT and time per output token of a successful request. The model
+        label is the one the client asked for: a backend accepted it, so the set is bounded."""
+        usage, model = ctx.usage, ctx.model or "-"
+        labels = (cluster, ctx.endpoint or "-", model)
+        for metric, value in ((self.prompt_tokens, usage.prompt_tokens), (self.cached_tokens, usage.cached_tokens),
+                              (self.completion_tokens, usage.completion_tokens)):
+            if value:
+                self.child(metric, *labels).inc(value)
+        if not ctx.stream or ctx.ttfb_ms is None:
+            return
+        self.child(self.ttft, cluster, model).observe(ctx.ttfb_ms / 1000)
+        done = usage.completion_tokens
+        if done is not None and done > 1 and ctx.latency_ms is not None:
+            self.child(self.tpot, cluster, model).observe((ctx.latency_ms - ctx.ttfb_ms) / 1000 / (done - 1))
 
     def refresh_pickers(self, pickers: Mapping[str, Picker]) -> None:
         for cluster, picker in pickers.items():
