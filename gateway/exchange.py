@@ -31,6 +31,7 @@ from gateway.prefix_index import PrefixIndex
 from gateway.proxy import ForwardPlan, Proxy
 from gateway.routes import Route
 from gateway.state import GatewayState
+from gateway.usage import ask_for_usage
 from kvkernel.context import CONTEXT_KEY, DecisionKind, RequestContext, RoutingDecision
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
@@ -137,6 +138,8 @@ class Exchange:
             if _is_model_list(request):
                 reply = await self._models(request)
             else:
+                if ask_for_usage(ctx):
+                    reserialise(ctx)
                 outcome = await self.proxy.forward(request, ctx, self._plan(cluster, ctx))
                 if isinstance(outcome, web.StreamResponse):
                     return outcome
