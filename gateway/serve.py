@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: stop accepting connections, let in-flight requests (streams
 included) finish within `server.drain_timeout`, then close everything.
-With `server.workers > 1`, that many processes share the port (SO_REUSEPORT).
+With `server.workers > 1`, that many processes share the port (SO_REUSEPORT) and
+their metrics (prometheus-client's multiprocess mode, see `gateway.metrics`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from filters.registry import FilterPlan
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
+from gateway.metrics import enable_multiprocess
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -113,7 +118,17 @@ def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool) -> None:
 
 
 def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
-    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all."""
+    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all.
+    Metrics go to a fresh directory the workers share (one consistent `/metrics`)."""
+    metrics_dir = tempfile.mkdtemp(prefix="kvgate-metrics-")
+    enable_multiprocess(metrics_dir)
+    try:
+        return _fork_workers(config, plans)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
     children = []
     for _ in range(config.server.workers):
         pid = os.fork()
@@ -139,6 +154,7 @@ def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
+        multiprocess.mark_process_dead(child)  # type: ignore[no-untyped-call] # its live gauges go
         status = status or os.waitstatus_to_exitcode(code)
     return status
 
