@@ -7,6 +7,7 @@ testbed, and a broken optional part cannot break the gateway's CLI.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -47,7 +48,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"kvgate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return _resolve(SUBCOMMANDS[name][0])(rest)
+    command = _resolve(SUBCOMMANDS[name][0])
+    try:
+        return command(rest)
+    except Exception as exc:
+        if not is_startup_error(exc):
+            raise
+        # A busy port, an unreadable file, a socket that cannot bind: one line, not a traceback.
+        logging.getLogger("kvgate").debug("%s failed", name, exc_info=True)
+        print(f"kvgate {name}: {describe_startup_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def is_startup_error(exc: BaseException) -> bool:
+    """Errors of the environment (OS, sockets, ZMQ binds), not bugs: reported in one line."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "ZMQError"
+
+
+def describe_startup_error(exc: BaseException) -> str:
+    text = str(exc)
+    if "address already in use" in text.lower():
+        return f"cannot listen: {text} (is another process using the port?)"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -70,7 +70,11 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # e.g. the port is taken: close what setup opened, report in one line
+        await runner.cleanup()
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
@@ -137,6 +141,8 @@ def _fork_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
             try:
                 _run(config, plans, reuse_port=True)
                 code = 0
+            except OSError as exc:  # os._exit below would swallow it: say why this worker stops
+                print(f"kvgate serve: worker {os.getpid()}: {exc}", file=sys.stderr)
             finally:
                 os._exit(code)
         children.append(pid)
