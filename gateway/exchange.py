@@ -188,9 +188,12 @@ class Exchange:
 
     def _no_route(self, request: web.Request, ctx: RequestContext) -> LocalReply:
         routes = self.state.routes
-        if ctx.model is not None and routes.uses_models and routes.listing(request.path, request.headers):
-            return error_reply(404, f"The model '{ctx.model}' does not exist or is not served here",
-                               code="model_not_found", param="model")
+        if routes.uses_models and routes.listing(request.path, request.headers):
+            if ctx.model is not None:
+                return error_reply(404, f"The model '{ctx.model}' does not exist or is not served here",
+                                   code="model_not_found", param="model")
+            return error_reply(404, f"no route for path {request.path!r} without a 'model' in the body",
+                               code="route_not_found", param="model")
         return error_reply(404, f"no route for path {request.path!r}", code="route_not_found")
 
     async def _read_body(self, request: web.Request, ctx: RequestContext) -> LocalReply | None:

@@ -187,7 +187,10 @@ async def test_unknown_model_is_an_openai_404_naming_it(pools: Stack) -> None:
     assert error["code"] == "model_not_found" and error["type"] == "not_found_error"
     assert "'gpt-9'" in error["message"] and error["param"] == "model"
     assert not any(f.requests for f in pools.backends.values())
-    await wait_until(lambda: len(pools.access_log()) == 1)
+    status, _, body = await _post(pools.url, {"prompt": "hi"})  # no model: only the header route could take it
+    assert status == 404 and json.loads(body)["error"]["code"] == "route_not_found"
+    assert "without a 'model'" in json.loads(body)["error"]["message"]
+    await wait_until(lambda: len(pools.access_log()) == 2)
     assert pools.access_log()[0]["status"] == 404 and pools.access_log()[0]["model"] == "gpt-9"
 
 
