@@ -70,3 +70,9 @@ def test_daemons_on_a_busy_port(tmp_path: Path, busy_port: int, verb: list[str])
 ])
 def test_missing_model_dir_or_config(tmp_path: Path, verb: list[str], needle: str) -> None:
     _one_clear_line(_kvgate(verb, tmp_path), needle)
+
+
+def test_mlx_serve_on_a_busy_port(tmp_path: Path, busy_port: int, tiny_model_dir: Path) -> None:
+    done = _kvgate(["mlx-serve", "--model", str(tiny_model_dir), "--port", str(busy_port)], tmp_path)
+    _one_clear_line(done, "mlx-serve", str(busy_port))
+    assert "in use" in done.stderr.lower()
