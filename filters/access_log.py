@@ -61,7 +61,7 @@ def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> 
         "path": ctx.path,
         "route": ctx.route,
         "cluster": ctx.cluster,
-        "model": prompt.model if prompt else None,
+        "model": ctx.model or (prompt.model if prompt else None),
         "prompt_hash": prompt.digest if prompt else None,
         "stream": ctx.stream,
         "endpoint": ctx.endpoint,
@@ -81,6 +81,7 @@ def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> 
         "lookup_ms": round(hints.lookup_ms, 3) if hints.lookup_ms is not None else None,
         "prompt_tokens": ctx.usage.prompt_tokens,
         "cached_tokens": ctx.usage.cached_tokens,
+        "completion_tokens": ctx.usage.completion_tokens,
         "scores": {k: round(v, 3) for k, v in ctx.scores.items()} or None,
     }
     if include_filter_timings:

@@ -39,7 +39,7 @@ def _collectors(registry: CollectorRegistry) -> dict[str, Any]:
             "lookup": Histogram("kvgate_kvcache_lookup_seconds", "LMCache /lookup latency", ["outcome"],
                                 registry=r, buckets=_LOOKUP_BUCKETS),
             "breaker": Gauge("kvgate_lmcache_breaker_state", "LMCache breaker: 0 closed, 1 half-open, 2 open",
-                             ["calls"], registry=r),
+                             ["calls"], registry=r, multiprocess_mode="livemax"),
             "actions": Counter("kvgate_cache_actions", "Background cache actions", ["kind", "outcome"],
                                registry=r),
         }

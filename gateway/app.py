@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -17,10 +19,11 @@ from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.exchange import Exchange
 from gateway.kv_feed import KVEventFeed
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, multiprocess_dir
 from gateway.monitor import EndpointMonitor
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.proxy import Proxy
+from gateway.routes import RouteTable
 from gateway.state import STATE_KEY, GatewayState
 
 
@@ -36,7 +39,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
         clusters=ClusterRegistry(clusters),
         pickers={name: p.build() for name, p in plan.pickers.items()},
         metrics=GatewayMetrics(),
-        routes=sorted(((r.match.prefix, r.cluster) for r in config.routes), key=lambda r: -len(r[0])),
+        routes=RouteTable(config.routes),
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, handler_args={"max_field_size": 16384})
     app[STATE_KEY] = state
@@ -46,6 +49,8 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     app.cleanup_ctx.append(_kv_feed(state))
     if monitor:
         app.cleanup_ctx.append(_monitor(state))
+    if multiprocess_dir() is not None:
+        app.cleanup_ctx.append(_gauge_refresh(state))
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
@@ -117,5 +122,24 @@ def _monitor(state: GatewayState):  # type: ignore[no-untyped-def]
         monitor.start()
         yield
         await monitor.close()
+
+    return ctx
+
+
+def _gauge_refresh(state: GatewayState):  # type: ignore[no-untyped-def]
+    """With several workers a scrape reads every worker's gauges from their files: each
+    worker keeps its own fresh, not only the one that answers the scrape."""
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            handlers.refresh_gauges(state)
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(refresh())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     return ctx

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -103,6 +104,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kvgate {name} needs the {extra!r} extra: pip install 'kvgate[{extra}]'", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not is_startup_error(exc):
+            raise
+        # A busy port, an unreadable file, a socket that cannot bind: one line, not a traceback.
+        logging.getLogger("kvgate").debug("%s failed", name, exc_info=True)
+        print(f"kvgate {name}: {describe_startup_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def is_startup_error(exc: BaseException) -> bool:
+    """Errors of the environment (OS, sockets, ZMQ binds), not bugs: reported in one line."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "ZMQError"
+
+
+def describe_startup_error(exc: BaseException) -> str:
+    text = str(exc)
+    if "address already in use" in text.lower():
+        return f"cannot listen: {text} (is another process using the port?)"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Filter configs are decoded by the filter registry (each filter owns its config
 class); here they stay raw (`FilterSpec.config`). Imports only the leaves
-`kvkernel.decode` and `kvkernel.breaker`.
+`kvkernel.decode` and `kvkernel.breaker`, and the route configs of `gateway.routes`
+(itself a leaf).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from gateway.routes import RouteConfig, RouteMatch, check_routes  # noqa: F401 - RouteMatch re-exported
 from kvkernel.breaker import CircuitBreakerConfig
 from kvkernel.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
 
@@ -167,21 +169,6 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteMatch:
-    prefix: str
-
-    def __post_init__(self) -> None:
-        if not self.prefix.startswith("/"):
-            raise FieldError("prefix", f"must start with '/', got {self.prefix!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    match: RouteMatch
-    cluster: str
-
-
-@dataclass(frozen=True, slots=True)
 class FilterSpec:
     """One entry of `filters:`; `config` is decoded by the filter's own config class."""
 
@@ -211,6 +198,7 @@ class GatewayConfig:
         for i, route in enumerate(self.routes):
             if route.cluster not in names:
                 raise FieldError(f"routes[{i}].cluster", f"unknown cluster {route.cluster!r} (known: {sorted(names)})")
+        check_routes(self.routes)
 
     def cluster(self, name: str) -> ClusterConfig:
         return next(c for c in self.clusters if c.name == name)

@@ -1,6 +1,6 @@
 """One exchange owns a proxied request's lifecycle, whatever answers it:
 
-    admit (route, draining, body) -> on_request -> pick -> forward -> on_response
+    admit (body, route, draining) -> on_request -> pick -> forward -> on_response
     -> relay -> on_complete
 
 Every reply passes `on_response` and `on_complete` and so gets an access-log
@@ -25,10 +25,13 @@ from multidict import CIMultiDict
 from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
 from gateway.endpoints import Cluster, Endpoint
+from gateway.model_list import list_models
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
 from gateway.proxy import ForwardPlan, Proxy
+from gateway.routes import Route
 from gateway.state import GatewayState
+from gateway.usage import ask_for_usage
 from kvkernel.context import CONTEXT_KEY, DecisionKind, RequestContext, RoutingDecision
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
@@ -132,9 +135,11 @@ class Exchange:
             reply = await self.chain.on_request(ctx)
         if reply is None:
             assert cluster is not None
-            if request.method == "GET" and request.path.endswith("/v1/models"):
-                reply = await self._models(cluster)
+            if _is_model_list(request):
+                reply = await self._models(request)
             else:
+                if ask_for_usage(ctx):
+                    reserialise(ctx)
                 outcome = await self.proxy.forward(request, ctx, self._plan(cluster, ctx))
                 if isinstance(outcome, web.StreamResponse):
                     return outcome
@@ -149,17 +154,47 @@ class Exchange:
                            attempt.released)
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> tuple[Cluster | None, LocalReply | None]:
-        """Route, draining and body checks: the cluster, or the gateway's own reply."""
+        """Body, route and draining checks: the cluster, or the gateway's own reply. The route
+        is matched once the body is parsed (it may match on the body's `model`)."""
         state = self.state
-        matched = state.match_route(request.path)
-        if matched is None:
-            return None, error_reply(404, f"no route for path {request.path!r}", code="route_not_found")
-        ctx.route, cluster = matched[0], matched[1]
-        ctx.cluster = cluster.name
+        reply = await self._read_body(request, ctx)
+        if reply is not None:
+            return None, reply
+        if ctx.json is not None:
+            model = ctx.json.get("model")
+            ctx.model = model if isinstance(model, str) else None
+            ctx.stream = ctx.json.get("stream") is True
+        route = self._route(request, ctx)
+        if route is None:
+            return None, self._no_route(request, ctx)
+        ctx.route, ctx.cluster = route.label, route.cluster
+        cluster = state.clusters[route.cluster]
         if state.draining:
             return cluster, error_reply(503, "gateway is shutting down", code="draining",
                                         headers={"Retry-After": "1", "Connection": "close"})
-        return cluster, await self._read_body(request, ctx)
+        if route.rewrite_model is not None and ctx.json is not None and ctx.model is not None \
+                and ctx.model != route.rewrite_model:
+            ctx.json["model"] = route.rewrite_model
+            ctx.log_fields["upstream_model"] = route.rewrite_model
+            reserialise(ctx)
+        return cluster, None
+
+    def _route(self, request: web.Request, ctx: RequestContext) -> Route | None:
+        routes = self.state.routes
+        if _is_model_list(request):  # speaks for every route at this path, whatever their models
+            listing = routes.listing(request.path, request.headers)
+            return listing[0] if listing else None
+        return routes.match(request.path, request.headers, ctx.model)
+
+    def _no_route(self, request: web.Request, ctx: RequestContext) -> LocalReply:
+        routes = self.state.routes
+        if routes.uses_models and routes.listing(request.path, request.headers):
+            if ctx.model is not None:
+                return error_reply(404, f"The model '{ctx.model}' does not exist or is not served here",
+                                   code="model_not_found", param="model")
+            return error_reply(404, f"no route for path {request.path!r} without a 'model' in the body",
+                               code="route_not_found", param="model")
+        return error_reply(404, f"no route for path {request.path!r}", code="route_not_found")
 
     async def _read_body(self, request: web.Request, ctx: RequestContext) -> LocalReply | None:
         """Read and JSON-parse the body; a 400/413 reply if it is unacceptable."""
@@ -215,25 +250,19 @@ class Exchange:
         response.content_type = "application/json"
         return response
 
-    async def _models(self, cluster: Cluster) -> LocalReply:
-        """`GET /v1/models`: the union of every eligible backend's model list (by id)."""
-        http = self.state.http
-        assert http is not None
-        timeout = cluster.config.health_check.timeout * 2
+    async def _models(self, request: web.Request) -> LocalReply:
+        """`GET /v1/models`: what every route at this path serves (see `gateway.model_list`)."""
+        state = self.state
+        assert state.http is not None
+        routes = state.routes.listing(request.path, request.headers)
+        return await list_models(state.http, routes, state.clusters)
 
-        async def fetch(url: str) -> list[dict[str, Any]]:
-            try:
-                resp = await http.get(url + "/v1/models", timeout=timeout)
-                data = resp.json().get("data", []) if resp.status_code == 200 else []
-                return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-            except Exception:  # noqa: BLE001 - one bad backend must not break the list
-                return []
 
-        eligible = [e for e in cluster.endpoints if e.eligible()]
-        if not eligible:
-            return error_reply(503, f"no healthy endpoint in cluster '{cluster.name}'", code="no_healthy_endpoint")
-        merged: dict[str, dict[str, Any]] = {}
-        for models in await asyncio.gather(*(fetch(e.url) for e in eligible)):
-            for model in models:
-                merged.setdefault(model["id"], model)
-        return LocalReply(200, {"object": "list", "data": list(merged.values())})
+def _is_model_list(request: web.Request) -> bool:
+    return request.method == "GET" and request.path.endswith("/v1/models")
+
+
+def reserialise(ctx: RequestContext) -> None:
+    """The body the upstream gets, from `ctx.json` (only when the gateway changed it)."""
+    assert ctx.json is not None
+    ctx.body = _encode(ctx.json).encode()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.exchange import Exchange
-from gateway.state import STATE_KEY
+from gateway.metrics import render
+from gateway.state import STATE_KEY, GatewayState
 
 EXCHANGE_KEY = web.AppKey("kvgate_exchange", Exchange)
 
@@ -45,11 +46,16 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-async def metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
+def refresh_gauges(state: GatewayState) -> None:
+    """Copy live state into the gauges (on scrape; each second too with several workers)."""
     state.metrics.refresh_endpoints(state.clusters)
     state.metrics.refresh_pickers(state.pickers)
     if state.background is not None:
         state.metrics.background_dropped.set(state.background.stats.dropped)
-    body = generate_latest(state.metrics.registry)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    refresh_gauges(state)
+    body = render(state.metrics.registry)  # every worker's, with server.workers > 1
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,12 +1,23 @@
-"""The gateway's own Prometheus metrics (one registry per app; filters add theirs to it)."""
+"""The gateway's own Prometheus metrics (one registry per app; filters add theirs to it).
+
+With `server.workers > 1`, `kvgate serve` switches prometheus-client to its multiprocess
+mode before the workers fork (`enable_multiprocess`): every worker writes its values to
+files in one fresh directory and a scrape, whichever worker answers it, merges them all
+(`render`). Counters and histograms sum over workers (dead ones included, so totals
+never go back); each gauge declares how workers combine (`multiprocess_mode`):
+in-flight requests and dropped jobs add up over live workers, an endpoint is healthy
+only if every live worker sees it healthy, and a breaker shows its worst state.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.endpoints import ClusterRegistry
 from gateway.pickers.base import Picker
@@ -15,6 +26,28 @@ from kvkernel.context import RequestContext
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(path: str) -> None:
+    """Metrics created from now on (in this process and the ones it forks) live in files
+    under `path`; call before any metric exists and before forking."""
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call] # read at import otherwise
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The exposition text: this registry's, or in multiprocess mode every worker's merged."""
+    path = multiprocess_dir()
+    if path is None:
+        return generate_latest(registry)
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
+    return generate_latest(merged)
 
 
 @dataclass
@@ -29,17 +62,33 @@ class GatewayMetrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.ttfb = Histogram("kvgate_time_to_first_byte_seconds", "Time to first byte", ["cluster"], registry=r,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        tokens = ["cluster", "endpoint", "model"]
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens the backends reported", tokens,
+                                     registry=r)
+        self.cached_tokens = Counter("kvgate_cached_tokens", "Prompt tokens served from the backends' prefix cache",
+                                     tokens, registry=r)
+        self.completion_tokens = Counter("kvgate_completion_tokens", "Completion tokens the backends reported",
+                                         tokens, registry=r)
+        self.ttft = Histogram("kvgate_time_to_first_token_seconds", "Time to first token (streams)",
+                              ["cluster", "model"], registry=r,
+                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Time per output token after the first "
+                              "(streams)", ["cluster", "model"], registry=r,
+                              buckets=(.001, .0025, .005, .01, .02, .04, .06, .08, .1, .15, .2, .3, .5, 1))
         self.retries = Counter("kvgate_upstream_retries", "Attempts beyond the first", ["cluster"], registry=r)
-        self.inflight = Gauge("kvgate_endpoint_inflight", "In-flight requests", ["endpoint"], registry=r)
+        self.inflight = Gauge("kvgate_endpoint_inflight", "In-flight requests", ["endpoint"], registry=r,
+                              multiprocess_mode="livesum")
         self.healthy = Gauge("kvgate_endpoint_healthy", "1 if the endpoint passes health checks",
-                             ["endpoint"], registry=r)
+                             ["endpoint"], registry=r, multiprocess_mode="livemin")
         self.breaker = Gauge("kvgate_endpoint_breaker_state", "0 closed, 1 half-open, 2 open",
-                             ["endpoint"], registry=r)
+                             ["endpoint"], registry=r, multiprocess_mode="livemax")
+        # Each worker learns on its own traffic: one series per worker (a `pid` label).
         self.picker_learned = Gauge("kvgate_picker_learned", "What a picker learned per endpoint (see `name`): "
                                     "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
-                                    "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r)
+                                    "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r,
+                                    multiprocess_mode="liveall")
         self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
-                                        registry=r)
+                                        registry=r, multiprocess_mode="livesum")
 
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, remembered: the hot path skips prometheus' label lookup.
@@ -60,6 +109,24 @@ class GatewayMetrics:
             self.child(self.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
         if ctx.retries:
             self.child(self.retries, cluster).inc(ctx.retries)
+        if ctx.status == 200:
+            self.observe_tokens(ctx, cluster)
+
+    def observe_tokens(self, ctx: RequestContext, cluster: str) -> None:
+        """Token counters, TTFT and time per output token of a successful request. The model
+        label is the one the client asked for: a backend accepted it, so the set is bounded."""
+        usage, model = ctx.usage, ctx.model or "-"
+        labels = (cluster, ctx.endpoint or "-", model)
+        for metric, value in ((self.prompt_tokens, usage.prompt_tokens), (self.cached_tokens, usage.cached_tokens),
+                              (self.completion_tokens, usage.completion_tokens)):
+            if value:
+                self.child(metric, *labels).inc(value)
+        if not ctx.stream or ctx.ttfb_ms is None:
+            return
+        self.child(self.ttft, cluster, model).observe(ctx.ttfb_ms / 1000)
+        done = usage.completion_tokens
+        if done is not None and done > 1 and ctx.latency_ms is not None:
+            self.child(self.tpot, cluster, model).observe((ctx.latency_ms - ctx.ttfb_ms) / 1000 / (done - 1))
 
     def refresh_pickers(self, pickers: Mapping[str, Picker]) -> None:
         for cluster, picker in pickers.items():

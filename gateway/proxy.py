@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.endpoints import Cluster, Endpoint
+from gateway.usage import stripper_for
 from kvkernel.context import RequestContext
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
@@ -242,15 +243,22 @@ class Proxy:
         ctx.status = upstream.status
         await response.prepare(request)
         tail = b""
+        # Set when the gateway asked for usage the client did not: drops the extra chunk.
+        strip = stripper_for(ctx, upstream.status, upstream.content_type, upstream.content_length)
         try:
             async for chunk in upstream.content.iter_any():
                 if ctx.ttfb_ms is None:
                     ctx.ttfb_ms = ctx.elapsed_ms()
                     backlog.release()  # the first byte means prefill is done
                     plan.on_first_byte(endpoint)
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+                if strip is not None and not (chunk := strip.feed(chunk)):
+                    continue  # an incomplete event, or the dropped usage chunk
                 await response.write(chunk)
                 ctx.bytes_out += len(chunk)
-                tail = (tail + chunk)[-_TAIL_BYTES:]
+            if strip is not None and (rest := strip.flush()):
+                await response.write(rest)
+                ctx.bytes_out += len(rest)
             await response.write_eof()
             if upstream.status not in BREAKER_STATUSES:
                 endpoint.breaker.record_success()  # only a whole body proves the endpoint sound

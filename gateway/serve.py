@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: stop accepting connections, let in-flight requests (streams
 included) finish within `server.drain_timeout`, then close everything.
-With `server.workers > 1`, that many processes share the port (SO_REUSEPORT).
+With `server.workers > 1`, that many processes share the port (SO_REUSEPORT) and
+their metrics (prometheus-client's multiprocess mode, see `gateway.metrics`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from filters.registry import FilterPlan
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
+from gateway.metrics import enable_multiprocess
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -65,7 +70,11 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # e.g. the port is taken: close what setup opened, report in one line
+        await runner.cleanup()
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
@@ -113,7 +122,17 @@ def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool) -> None:
 
 
 def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
-    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all."""
+    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all.
+    Metrics go to a fresh directory the workers share (one consistent `/metrics`)."""
+    metrics_dir = tempfile.mkdtemp(prefix="kvgate-metrics-")
+    enable_multiprocess(metrics_dir)
+    try:
+        return _fork_workers(config, plans)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
     children = []
     for _ in range(config.server.workers):
         pid = os.fork()
@@ -122,6 +141,8 @@ def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
             try:
                 _run(config, plans, reuse_port=True)
                 code = 0
+            except OSError as exc:  # os._exit below would swallow it: say why this worker stops
+                print(f"kvgate serve: worker {os.getpid()}: {exc}", file=sys.stderr)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -139,6 +160,7 @@ def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
+        multiprocess.mark_process_dead(child)  # type: ignore[no-untyped-call] # its live gauges go
         status = status or os.waitstatus_to_exitcode(code)
     return status
 

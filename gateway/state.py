@@ -10,11 +10,12 @@ from aiohttp import web
 
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
-from gateway.endpoints import Cluster, ClusterRegistry
+from gateway.endpoints import ClusterRegistry
 from gateway.kv_feed import KVEventFeed
 from gateway.metrics import GatewayMetrics
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
+from gateway.routes import RouteTable
 
 
 @dataclass
@@ -23,7 +24,7 @@ class GatewayState:
     clusters: ClusterRegistry
     pickers: dict[str, Picker]  # cluster name -> its picker
     metrics: GatewayMetrics
-    routes: list[tuple[str, str]]  # (path prefix, cluster name), longest prefix first
+    routes: RouteTable  # config order, first match wins
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     kv_feed: KVEventFeed | None = None
     background: BackgroundQueue | None = None
@@ -31,12 +32,6 @@ class GatewayState:
     session: aiohttp.ClientSession | None = None
     inflight: int = 0
     draining: bool = False
-
-    def match_route(self, path: str) -> tuple[str, Cluster] | None:
-        for prefix, cluster in self.routes:
-            if path.startswith(prefix):
-                return prefix, self.clusters[cluster]
-        return None
 
     def load(self) -> float:
         """Gateway load as in-flight requests per endpoint (0 = idle)."""

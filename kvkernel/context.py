@@ -88,6 +88,7 @@ class RequestContext:
     cluster: str | None = None
     body: bytes = b""
     json: dict[str, Any] | None = None
+    model: str | None = None  # the body's `model` as the client sent it (before any rewrite)
     stream: bool = False
     # The upstream exchange (filled by the proxy step).
     endpoint: str | None = None

@@ -1,6 +1,21 @@
 """Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
 
-A leaf module: imports nothing else from the project.
+One vocabulary for every kvgate program (the gateway, the MLX daemon, the simulated
+vLLM): `type` follows the HTTP status, with the names of OpenAI's documented error
+classes; `code` says precisely what happened (`model_not_found`, `route_not_found`,
+`upstream_timeout`, `rate_limit_exceeded`, ...), or is null.
+
+| status | type |
+|---|---|
+| 400, 409, 413, 422 (and any other 4xx not below) | `invalid_request_error` |
+| 401 | `authentication_error` |
+| 403 | `permission_error` |
+| 404 | `not_found_error` |
+| 429 | `rate_limit_error` |
+| 5xx (500, 502, 503, 504, ...) | `server_error` |
+
+Errors a backend sends are relayed as they are (vLLM's own say `BadRequestError` and
+a numeric `code`). A leaf module: imports nothing else from the project.
 """
 
 from __future__ import annotations
@@ -10,23 +25,25 @@ from typing import Any
 
 from aiohttp import web
 
-_TYPES = {
-    400: "invalid_request_error",
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
     429: "rate_limit_error",
-    500: "internal_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "upstream_timeout",
 }
+
+
+def error_type(status: int) -> str:
+    """The OpenAI error `type` for an HTTP status (see the module docstring)."""
+    found = ERROR_TYPES.get(status)
+    if found is not None:
+        return found
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
                type_: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_ or _TYPES.get(status, "error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": message, "type": type_ or error_type(status), "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None,

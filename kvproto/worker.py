@@ -237,10 +237,17 @@ class WorkerReporter:
                 reply = await self._request("reply", self._endpoint_msg("RegisterMsg"))
                 if reply is None or reply["type"] != "RegisterRetMsg":
                     self.stats["register_failures"] += 1
+                    if self.stats["register_failures"] == 1:  # one clear line, not one per retry
+                        log.warning("LMCache controller tcp://%s:%s does not answer registration; retrying "
+                                    "in the background (no chunks reported until it does)",
+                                    self.controller_host, self.ports["reply"])
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.heartbeat_interval)
                     continue
                 backoff = 0.05
+                if self.stats["register_failures"] and not self.stats["registrations"]:
+                    log.info("registered with LMCache controller tcp://%s:%s", self.controller_host,
+                             self.ports["reply"])
                 self.stats["registrations"] += 1
                 with self._lock:  # re-registering clears our keys: re-send them all
                     self._registered, self._resync, self._overflowed = True, True, False

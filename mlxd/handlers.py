@@ -51,9 +51,9 @@ class Daemon:
 DAEMON = web.AppKey("daemon", Daemon)
 
 
-def json_error(status: int, message: str, err_type: str = "invalid_request_error",
+def json_error(status: int, message: str, code: str | None = None,
                param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(message, err_type, param, status), status=status, headers=headers)
+    return web.json_response(error_body(message, status, param, code), status=status, headers=headers)
 
 
 @web.middleware
@@ -63,20 +63,20 @@ async def error_middleware(request: web.Request,
     try:
         return await handler(request)
     except BadRequest as exc:
-        return json_error(exc.status, str(exc), exc.err_type, exc.param)
+        return json_error(exc.status, str(exc), exc.code, exc.param)
     except PromptError as exc:
-        return json_error(400, str(exc))
+        return json_error(400, str(exc), "invalid_prompt")
     except EngineClosed as exc:
-        return json_error(503, str(exc), "service_unavailable", headers={"Retry-After": str(DEFAULT_RETRY_S)})
+        return json_error(503, str(exc), "engine_closed", headers={"Retry-After": str(DEFAULT_RETRY_S)})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason, "NotFoundError" if exc.status == 404 else "invalid_request_error")
+        return json_error(exc.status, exc.reason)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # noqa: BLE001 - every request ends with a JSON answer
         request.app.logger.exception("unhandled error in %s", request.path)
-        return json_error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_server_error")
+        return json_error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def _check_model(d: Daemon, body: dict[str, Any]) -> None:
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {type(model).__name__}", "model")
     if model is not None and model not in {d.info.name, str(d.info.path), d.instance_id}:
-        raise BadRequest(f"The model `{model}` does not exist.", "model", 404, "NotFoundError")
+        raise BadRequest(f"The model `{model}` does not exist.", "model", 404, "model_not_found")
 
 
 # ---- generation ------------------------------------------------------------------------
@@ -117,7 +117,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     ids = await asyncio.to_thread(chat_ids if chat else completion_ids, d.tokenizer, body)
     params = gen_params(body, len(ids), d.info.max_model_len, chat)
     if not d.engine.ready.is_set() or not d.engine.alive:
-        return json_error(503, "model not ready", "service_unavailable",
+        return json_error(503, "model not ready", "model_not_ready",
                           headers={"Retry-After": str(d.retry_after_s)})
     loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
@@ -153,11 +153,11 @@ async def _collect(shaper: ResponseShaper, events: asyncio.Queue[Event]) -> web.
             assert event.usage is not None
             return web.json_response(shaper.full("".join(parts), event.finish_reason, event.usage))
         else:
-            return json_error(event.status, event.text, _error_type(event.status))
+            return json_error(event.status, event.text, _error_code(event.status))
 
 
-def _error_type(status: int) -> str:
-    return "service_unavailable" if status == 503 else "internal_server_error"
+def _error_code(status: int) -> str:
+    return "engine_unavailable" if status == 503 else "internal_error"
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -182,7 +182,7 @@ async def _stream(request: web.Request, shaper: ResponseShaper, events: asyncio.
                 if include_usage and event.usage is not None:
                     await resp.write(_sse(shaper.usage_chunk(event.usage)))
             else:
-                await resp.write(_sse(error_body(event.text, _error_type(event.status), None, event.status)))
+                await resp.write(_sse(error_body(event.text, event.status, None, _error_code(event.status))))
             await resp.write(_sse("[DONE]"))
             await resp.write_eof()
             return resp

@@ -12,26 +12,26 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from kvkernel.errors import error_body as kv_error_body
 from mlxd.engine_types import GenParams, Usage
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
 class BadRequest(ValueError):
-    """A client error; `param` names the offending field."""
+    """A client error; `param` names the offending field, `code` says what is wrong."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 err_type: str = "invalid_request_error") -> None:
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
         self.status = status
-        self.err_type = err_type
+        self.code = code
 
 
-def error_body(message: str, err_type: str = "invalid_request_error", param: str | None = None,
-               code: int | str | None = None) -> dict[str, Any]:
-    """The OpenAI error shape."""
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape, `type` from the status (kvkernel.errors' vocabulary)."""
+    return kv_error_body(status, message, code=code, param=param)
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:

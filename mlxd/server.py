@@ -188,9 +188,11 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"mlx-serve: cannot load {opts.model}: {exc}", file=sys.stderr)
         return 1
-    log.info("mlx-serve %s on http://%s:%d (model %s)", opts.instance_id, host, port, opts.model)
+    def listening(_: str) -> None:  # run_app calls it once the socket is bound
+        log.info("mlx-serve %s on http://%s:%d (model %s)", opts.instance_id, host, port, opts.model)
+
     try:
-        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True,
+        web.run_app(app, host=host, port=port, print=listening, handler_cancellation=True,
                     shutdown_timeout=2.0, access_log=None)
     except OSError as exc:
         print(f"mlx-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)

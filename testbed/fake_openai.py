@@ -68,10 +68,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not body.get("stream"):
         return web.json_response(completion_body(fake, chat, prompt_tokens),
                                  headers={"x-backend-id": fake.backend_id})
-    return await _stream(request, fake, chat, prompt_tokens)
+    return await _stream(request, fake, body, chat, prompt_tokens)
 
 
-async def _stream(request: web.Request, fake: FakeBackend, chat: bool, prompt_tokens: int) -> web.StreamResponse:
+async def _stream(request: web.Request, fake: FakeBackend, body: dict[str, Any], chat: bool,
+                  prompt_tokens: int) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "x-backend-id": fake.backend_id})
     await resp.prepare(request)
@@ -85,8 +86,11 @@ async def _stream(request: web.Request, fake: FakeBackend, chat: bool, prompt_to
             except asyncio.CancelledError:
                 fake.cancelled += 1
                 raise
-    final = completion_body(fake, chat, prompt_tokens)
-    await resp.write(f"data: {json.dumps({'id': 'cmpl-fake', 'choices': [], 'usage': final['usage']})}\n\n".encode())
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):  # as OpenAI and vLLM: only when asked
+        final = completion_body(fake, chat, prompt_tokens)
+        usage = {"id": "cmpl-fake", "choices": [], "usage": final["usage"]}
+        await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,10 +109,14 @@ def main(argv: Sequence[str]) -> int:
     try:
         app = build_app(args)
     except ValueError as exc:
-        print(f"kvgate sim-vllm: {exc}")
+        print(f"kvgate sim-vllm: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("sim_vllm").info("sim-vllm %s listening on http://%s:%d", args.id, args.host, args.port)
+
+    def listening(_: str) -> None:  # run_app calls it once the socket is bound
+        logging.getLogger("sim_vllm").info("sim-vllm %s listening on http://%s:%d", args.id, args.host, args.port)
+
     # handler_cancellation: a client that goes away cancels its request (freeing its
-    # sequence slot), as vLLM aborts it.
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
+    # sequence slot), as vLLM aborts it. A port that is taken is reported by `kvgate`'s
+    # dispatcher in one line.
+    web.run_app(app, host=args.host, port=args.port, print=listening, access_log=None, handler_cancellation=True)
     return 0

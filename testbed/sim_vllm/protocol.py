@@ -12,25 +12,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvkernel.errors import error_body as kv_error_body
 from testbed.sim_vllm.tokenizer import SimTokenizer
 
 DEFAULT_MAX_TOKENS = 16
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-                503: "ServiceUnavailableError"}
 
 
 class RequestError(ValueError):
-    """A client error; `status` and `param` go into the OpenAI error body."""
+    """A client error; `status`, `param` and `code` go into the OpenAI error body."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.code = code
 
 
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "Error"),
-                      "param": param, "code": status}}
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """kvgate's error vocabulary (kvkernel.errors); real vLLM says `BadRequestError` and a numeric code."""
+    return kv_error_body(status, message, code=code, param=param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 def check_model(body: Mapping[str, Any], served: str) -> str:
     model = _field(body, "model", str, served)
     if model != served:
-        raise RequestError(f"The model `{model}` does not exist.", status=404, param="model")
+        raise RequestError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
     return str(model)
 
 

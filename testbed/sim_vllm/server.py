@@ -35,8 +35,8 @@ SINK = web.AppKey("chunk_sink", ChunkSink)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json_error(message: str, status: int, param: str | None = None) -> web.Response:
-    return web.json_response(protocol.error_body(message, status, param), status=status)
+def _json_error(message: str, status: int, param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response(protocol.error_body(message, status, param, code), status=status)
 
 
 @web.middleware
@@ -45,7 +45,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RequestError as exc:
-        return _json_error(str(exc), exc.status, exc.param)
+        return _json_error(str(exc), exc.status, exc.param, exc.code)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -53,7 +53,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # noqa: BLE001 - report, keep serving
-        return _json_error(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return _json_error(f"internal error: {type(exc).__name__}: {exc}", 500, code="internal_error")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

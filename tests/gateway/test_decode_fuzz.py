@@ -92,7 +92,7 @@ def error_of(data: Any) -> ConfigError:
     (("clusters", 0, "picker"), {"type": "round_robin"}, "clusters[0].picker"),  # beside lb_policy
     (("routes", 0, "match"), "/v1/", "routes[0].match"),
     (("routes", 0, "match", "prefix"), "v1", "routes[0].match.prefix"),
-    (("routes", 0, "match"), {}, "routes[0].match.prefix"),
+    (("routes", 0, "match"), {"model": []}, "routes[0].match.model"),  # {} is a catch-all
     (("filters",), {"type": "prompt"}, "filters"),
     (("filters", 0), "prompt", "filters[0]"),
     (("filters", 0, "name"), 5, "filters[0].name"),

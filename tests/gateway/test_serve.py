@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
 from testbed.fake_openai import FakeBackend
 from testbed.procs import ManagedProcess, free_port, start_kvgate
+from tests.conftest import wait_until
 from tests.gateway.harness import gateway_yaml, start_backend
 
 
@@ -109,3 +111,49 @@ def _wait_for_log(proc: ManagedProcess, text: str, timeout: float = 15.0) -> Non
     while text not in proc.log_tail() and proc.alive():
         assert time.monotonic() < deadline, proc.log_tail()
         time.sleep(0.01)
+
+
+def _requests_total(text: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("kvgate_requests_total{") and 'status="200"' in line)
+
+
+async def test_two_workers_expose_one_consistent_metrics(tmp_path: Path) -> None:
+    backend = await start_backend(FakeBackend("a"))
+    port = free_port()
+    config = tmp_path / "gw.yaml"
+    text = gateway_yaml({"a": backend.port}, tmp_path / "access.jsonl", server=", workers: 2")
+    config.write_text(text.replace("port: 0,", f"port: {port},", 1))
+    metrics_tmp = tmp_path / "tmp"
+    metrics_tmp.mkdir()
+    proc = start_kvgate("gateway", ["serve", "-c", str(config)], tmp_path, env={"TMPDIR": str(metrics_tmp)})
+    url = f"http://127.0.0.1:{port}"
+    sent = 30
+    try:
+        await asyncio.to_thread(proc.wait_http, url + "/healthz", 30)
+        for _ in range(sent):  # a new connection each time: the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as session:
+                async with session.post(url + "/v1/completions", json={"model": "m", "prompt": "x"}) as resp:
+                    assert resp.status == 200
+        (metrics_dir,) = metrics_tmp.iterdir()  # the fresh directory `kvgate serve` made
+        workers_counting = {p.name for p in metrics_dir.glob("counter_*.db")}
+        assert len(workers_counting) == 2, workers_counting  # both workers served requests
+
+        async def scrape() -> str:
+            async with aiohttp.ClientSession() as session:  # new connection: either worker answers
+                async with session.get(url + "/metrics") as resp:
+                    return await resp.text()
+
+        await wait_until(lambda: _scraped_total(scrape, sent), message=f"{sent} requests in /metrics")
+        scrapes = [await scrape() for _ in range(8)]
+        assert [_requests_total(s) for s in scrapes] == [sent] * 8
+        assert all('kvgate_endpoint_healthy{endpoint="a"} 1.0' in s for s in scrapes)  # livemin: no pid label
+        assert (await asyncio.to_thread(proc.stop, 15)) == 0
+        assert not metrics_dir.exists()  # removed on exit
+    finally:
+        proc.kill()
+        await backend.close()
+
+
+async def _scraped_total(scrape: Callable[[], Awaitable[str]], want: int) -> bool:
+    return _requests_total(await scrape()) == want

@@ -38,7 +38,8 @@ async def test_full_queue_answers_429_with_retry_after_then_recovers(narrow_daem
         async with s.post(d.url + "/v1/completions", json={**LONG, "stream": False}) as r:
             assert r.status == 429
             assert int(r.headers["Retry-After"]) >= 1
-            assert (await r.json())["error"]["type"] == "rate_limit_exceeded"
+            error = (await r.json())["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
         assert (await metric_values(d))["mlxd_requests_rejected_total"] >= 1
         running.close()
         await waiting.content.readline()  # the waiting request got the freed slot

@@ -333,9 +333,10 @@ async def test_sigterm_ends_an_in_flight_stream_with_an_error_and_done(
             events = await sse_events(r)
         assert events[-1] == "[DONE]"
         assert "shutting down" in events[-2]["error"]["message"]
-        assert events[-2]["error"]["code"] == 503
+        assert events[-2]["error"]["code"] == "engine_unavailable"
+        assert events[-2]["error"]["type"] == "server_error"
         status, err = await whole
-        assert status == 503 and err["error"]["type"] == "service_unavailable"
+        assert status == 503 and err["error"]["type"] == "server_error"
         assert d.proc.proc is not None and d.proc.proc.wait(15) == 0
     finally:
         d.proc.kill()

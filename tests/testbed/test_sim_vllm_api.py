@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from kvkernel.errors import error_type
 from testbed.procs import free_port, start_kvgate
 from testbed.sim_vllm.cache import PrefixCache
 from testbed.sim_vllm.engine import Engine, EngineConfig
@@ -276,7 +277,7 @@ async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
         client.post(path, data=body) if isinstance(body, bytes) else client.post(path, json=body)
     )
     error = (await resp.json())["error"]
-    assert resp.status == status and error["code"] == status
+    assert resp.status == status and error["type"] == error_type(status)  # kvgate's vocabulary, not vLLM's
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert (
         await client.post("/v1/completions", json={"prompt": "still up", "max_tokens": 1})
@@ -330,7 +331,7 @@ async def test_sim_deeply_nested_json_is_a_400(client: Client) -> None:
     deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     resp = await client.post("/v1/completions", data=deep, headers={"Content-Type": "application/json"})
     assert resp.status == 400
-    assert (await resp.json())["error"]["type"] == "BadRequestError"
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
     await _still_serving(client)
 
 
