@@ -132,6 +132,21 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendAuthConfig:
+    """`backend_auth:` of a cluster: a credential the gateway sends to its backends,
+    taken from an environment variable (never written in the YAML)."""
+
+    value_env: str
+    header: str = "Authorization"
+
+    def __post_init__(self) -> None:
+        if not self.value_env:
+            raise FieldError("value_env", "must name an environment variable")
+        if not self.header or any(c in self.header for c in " :\r\n"):
+            raise FieldError("header", f"must be a header name, got {self.header!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class PickerSpec:
     """`picker:` of a cluster; `config` is decoded by the picker's own config class."""
 
@@ -151,6 +166,8 @@ class ClusterConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     cache_aware: Any = None  # the cache_aware picker's config in the short form (raw)
     metrics_interval: Seconds = 2.0
+    forward_client_auth: bool = False  # forward the client's Authorization / x-api-key
+    backend_auth: BackendAuthConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoints:
