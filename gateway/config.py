@@ -19,6 +19,18 @@ EndpointKind = Literal["mlx", "vllm", "openai"]
 
 
 @dataclass(frozen=True, slots=True)
+class AdminListenerConfig:
+    """`server.admin:` a separate listener for the admin endpoints (metrics, status, reload)."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", f"must be in 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8888
@@ -27,8 +39,15 @@ class ServerConfig:
     debug_headers: bool = False
     drain_timeout: Seconds = 30.0
     background_queue_size: int = 1024
+    admin: AdminListenerConfig | None = None  # admin endpoints on their own listener
+    admin_key_env: str | None = None  # env var holding the key the admin endpoints require
 
     def __post_init__(self) -> None:
+        if self.admin is not None and self.admin.port and self.admin.port == self.port \
+                and self.admin.host == self.host:
+            raise FieldError("admin.port", f"must differ from server.port ({self.port})")
+        if self.admin_key_env is not None and not self.admin_key_env:
+            raise FieldError("admin_key_env", "must name an environment variable")
         if not 0 <= self.port <= 65535:
             raise FieldError("port", f"must be in 0..65535, got {self.port}")
         if self.workers < 1:

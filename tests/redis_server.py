@@ -15,15 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from testbed.procs import free_port
+
 MISSING = ("redis-server is not installed: the Redis-backed rate-limit tests are SKIPPED "
            "(install it: apt-get install -y redis-server)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -16,8 +16,9 @@ from filters.rate_buckets import Bucket, MemoryStore, decide, retry_after_header
 from filters.rate_limit import RateLimitConfig
 from kvkernel.decode import ConfigError, decode_dataclass
 from testbed.fake_openai import FakeBackend
+from testbed.procs import free_port
 from tests.gateway.harness import gateway_yaml, start_backend, start_gateway
-from tests.redis_server import free_port, redis_url  # noqa: F401 - the session fixture
+from tests.redis_server import redis_url  # noqa: F401 - the session fixture
 
 ALICE, BOB = "sk-alice-0123456789", "sk-bob-9876543210"
 
