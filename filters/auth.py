@@ -148,6 +148,7 @@ def _counter(registry: CollectorRegistry | None) -> Counter | None:
 class AuthFilter(Filter):
     Config = AuthConfig
     produces = (API_KEY_ID,)
+    restart_on_reload = True  # a reload re-reads the keys (rotation without a restart)
     config: AuthConfig
 
     keys: list[ApiKey]

@@ -141,7 +141,7 @@ class Generations:
         pickers = {name: _kept_picker(old, name, p) or p.build() for name, p in plan.pickers.items()}
         services = self.services(clusters)
         kept = {(type(f), f.name, _config_key(f.config)): f for f in old.chain.filters
-                if not getattr(f, "restart_on_reload", False)}
+                if not f.restart_on_reload}
         filters: list[Filter] = []
         fresh: list[Filter] = []
         for p in plan.filters:
