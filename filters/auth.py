@@ -23,6 +23,7 @@ import hmac
 import os
 import re
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ class AuthFilter(Filter):
             self.counter.labels(key_id or "-", str(ctx.status or 0)).inc()
 
 
-def hash_key_main(argv: list[str] | Any) -> int:
+def hash_key_main(argv: Sequence[str]) -> int:
     """`kvgate hash-key [ID [MODELS]]`: read a key on stdin, print its keys-file entry."""
     import argparse
     import sys

@@ -149,3 +149,20 @@ async def test_backend_auth_sends_the_clusters_own_credential(tmp_path: Path,
     finally:
         await gw.close()
         await server.close()
+
+
+async def test_forward_client_auth_keeps_the_clients_credentials(tmp_path: Path) -> None:
+    fake = FakeBackend("a")
+    server = await start_backend(fake)
+    gw = await start_gateway(gateway_yaml({"a": server.port}, tmp_path / "log",
+                                          cluster="\n    forward_client_auth: true"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{gw.port}/v1/completions", json={"model": "m", "prompt": "x"},
+                                    headers={"Authorization": "Bearer client-key", "x-api-key": "k2"}) as resp:
+                assert resp.status == 200
+        assert fake.seen_headers[0]["Authorization"] == "Bearer client-key"
+        assert fake.seen_headers[0]["x-api-key"] == "k2"
+    finally:
+        await gw.close()
+        await server.close()

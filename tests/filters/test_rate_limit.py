@@ -200,3 +200,30 @@ def test_the_gateway_imports_without_redis() -> None:
     code = ("import sys; import filters.builtins, gateway.app; "
             "assert 'redis' not in sys.modules, 'redis imported by the gateway'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_prompt_tokens_are_charged_up_front_when_tokens_are_known() -> None:
+    from unittest.mock import MagicMock
+
+    from filters.base import Action, Services
+    from filters.keys import TOKENS, Tokens
+    from filters.rate_limit import RateLimitFilter
+    from kvkernel.context import RequestContext
+
+    config = decode_dataclass(RateLimitConfig, {"tokens_per_minute": 60, "burst_tokens": 10}, "c")
+    limiter = RateLimitFilter(config, "rl", Services(clusters=MagicMock(), background=MagicMock(),
+                                                     http=MagicMock()))
+    await limiter.start()
+
+    def request() -> RequestContext:
+        ctx = RequestContext("r", "POST", "/v1/completions", remote="10.0.0.1")
+        ctx[TOKENS] = Tokens(list(range(12)), "local")
+        return ctx
+
+    first = request()
+    assert (await limiter.on_request(first)).action is Action.CONTINUE  # 10 -> -2
+    first.usage.prompt_tokens, first.usage.completion_tokens = 12, 3
+    await limiter.on_complete(first)  # only the 3 completion tokens: the prompt was charged up front
+    refused = await limiter.on_request(request())
+    assert refused.action is Action.STOP and refused.reply is not None
+    assert refused.reply.status == 429 and refused.reply.headers["Retry-After"] == "6"  # 5 of debt at 1/s

@@ -41,6 +41,12 @@ class ReloadProbe(Filter):
         head.headers["x-probe"] = self.name
 
 
+@register("test-reload-broken")
+class BrokenOnStart(Filter):
+    async def start(self) -> None:
+        raise RuntimeError("cannot open its resource")
+
+
 class Rig:
     def __init__(self, tmp_path: Path, ports: dict[str, int]) -> None:
         self.path = tmp_path / "gw.yaml"
@@ -174,3 +180,13 @@ async def test_server_changes_are_reported_as_needing_a_restart(rig: tuple[Rig, 
     gw.write(server=", drain_timeout: 5s", extra_filters="  - type: test-reload-probe\n    name: probe-1\n")
     status, body = await gw.reload()
     assert status == 200 and body["restart_needed"] == ["server.drain_timeout"]
+
+
+async def test_a_filter_that_fails_to_start_rejects_the_reload(rig: tuple[Rig, Any]) -> None:
+    gw, _ = rig
+    gw.write(extra_filters="  - type: test-reload-probe\n    name: probe-9\n  - type: test-reload-broken\n")
+    status, body = await gw.reload()
+    assert status == 400 and "cannot open its resource" in body["error"]["message"]
+    assert EVENTS == [("start", "probe-9"), ("close", "probe-9")]  # the half-started one is closed
+    status, headers = await gw.complete()
+    assert status == 200 and headers["x-probe"] == "probe-1"
