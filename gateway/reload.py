@@ -149,8 +149,6 @@ class Generations:
             if found is None:
                 found = p.cls(p.config, p.name, services)
                 fresh.append(found)
-            else:
-                found.services.clusters = clusters  # a carried-over filter sees the new clusters
             filters.append(found)
         try:
             await FilterChain(fresh).start()
@@ -158,6 +156,8 @@ class Generations:
             await FilterChain(fresh).close()
             log.exception("reload rejected: a new filter failed to start")
             raise ReloadError(f"a filter failed to start: {type(exc).__name__}: {exc}") from None
+        for f in filters:
+            f.services.clusters = clusters  # carried-over filters see the new clusters too
         gen = self._generation(old.number + 1, plan, clusters, pickers, FilterChain(filters))
         restart = _restart_needed(old.plan.config, plan.config)
         self.current = gen

@@ -190,3 +190,16 @@ async def test_a_filter_that_fails_to_start_rejects_the_reload(rig: tuple[Rig, A
     assert EVENTS == [("start", "probe-9"), ("close", "probe-9")]  # the half-started one is closed
     status, headers = await gw.complete()
     assert status == 200 and headers["x-probe"] == "probe-1"
+
+
+async def test_a_rejected_reload_leaves_carried_over_filters_on_the_old_clusters(rig: tuple[Rig, Any]) -> None:
+    gw, _ = rig
+    generations = gw.gateway.app[GENERATIONS_KEY]  # type: ignore[union-attr]
+    probe = generations.current.chain.filters[1]
+    before = probe.services.clusters
+    ports = gw.all_ports  # type: ignore[attr-defined]
+    gw.write({"c": ports["c"]}, extra_filters="  - type: test-reload-probe\n    name: probe-1\n"
+                                               "  - type: test-reload-broken\n")
+    assert (await gw.reload())[0] == 400
+    assert probe.name == "probe-1" and probe.services.clusters is before
+    assert [e.id for e in gw.state.clusters.all_endpoints()] == ["a", "b"]
