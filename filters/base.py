@@ -106,6 +106,10 @@ class Filter:
     # Loggers (access-log) set this: their `on_complete` runs after every other filter's,
     # so they see what the others recorded on the way out, wherever they sit in the chain.
     completes_last: ClassVar[bool] = False
+    # On a config reload an unchanged filter is carried over (its learned state kept);
+    # filters that read something outside the config at start (a keys file) set this
+    # to be rebuilt and restarted instead.
+    restart_on_reload: ClassVar[bool] = False
 
     def __init__(self, config: Any, name: str, services: Services) -> None:
         self.config = config

@@ -1,3 +1,3 @@
 """Imports every built-in filter module so that their `@register` decorators run."""
 
-from filters import access_log, kvcache, prompt, tokenizer  # noqa: F401
+from filters import access_log, auth, kvcache, prompt, rate_limit, tokenizer  # noqa: F401

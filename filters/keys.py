@@ -73,6 +73,8 @@ BLOCK_KEYS: StateKey[list[int]] = StateKey("block_keys", list)
 TTFT_SLO: StateKey[float] = StateKey("ttft_slo", float)
 # A client-chosen affinity key (e.g. a session header) for hashing pickers.
 AFFINITY_KEY: StateKey[str] = StateKey("affinity_key", str)
+# The id of the API key the `auth` filter accepted (never the key itself).
+API_KEY_ID: StateKey[str] = StateKey("api_key_id", str)
 
 
 def token_ids(ctx: Any) -> list[int] | None:

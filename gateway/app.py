@@ -10,28 +10,25 @@ import aiohttp
 import httpx
 from aiohttp import web
 
-from filters.base import Services
-from filters.registry import FilterPlan, build_filters
-from filters.runner import FilterChain
-from gateway import handlers
+from filters.registry import FilterPlan
+from gateway import admin, handlers
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
-from gateway.exchange import Exchange
 from gateway.kv_feed import KVEventFeed
 from gateway.metrics import GatewayMetrics, multiprocess_dir
-from gateway.monitor import EndpointMonitor
 from gateway.plan import GatewayPlan, plan_gateway
-from gateway.proxy import Proxy
+from gateway.reload import GENERATIONS_KEY, Generations
 from gateway.routes import RouteTable
 from gateway.state import STATE_KEY, GatewayState
 
 
 def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] | None = None,
-               monitor: bool = True) -> web.Application:
+               monitor: bool = True, config_path: str | None = None) -> web.Application:
     """Build the gateway app. `plans`: a checked `GatewayPlan` (from `plan_gateway`), or
     validated filter plans to check with the config's pickers; `monitor=False` disables
-    background health checks (tests drive them by hand). Raises ConfigError."""
+    background health checks (tests drive them by hand); `config_path`: the file a reload
+    re-reads (SIGHUP, `POST /admin/reload`). Raises ConfigError."""
     plan = plans if isinstance(plans, GatewayPlan) else plan_gateway(config, plans)
     clusters = [build_cluster(c) for c in config.clusters]
     state = GatewayState(
@@ -43,18 +40,17 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, handler_args={"max_field_size": 16384})
     app[STATE_KEY] = state
+    generations = app[GENERATIONS_KEY] = Generations(state, config_path, monitor_enabled=monitor)
     app.cleanup_ctx.append(_clients(state))
-    app.cleanup_ctx.append(_filters(state, plan.filters))
+    app.cleanup_ctx.append(_filters(generations, plan))
     app.cleanup_ctx.append(_background(state))  # drains before the filters and clients close
     app.cleanup_ctx.append(_kv_feed(state))
-    if monitor:
-        app.cleanup_ctx.append(_monitor(state))
+    app.cleanup_ctx.append(_monitor(generations))
     if multiprocess_dir() is not None:
         app.cleanup_ctx.append(_gauge_refresh(state))
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/kvgate/status", handlers.status)
+    admin.mount_on_traffic(app, config.server)
     app.router.add_route("*", "/{tail:.*}", handlers.proxy_handler)
     return app
 
@@ -79,18 +75,11 @@ def _clients(state: GatewayState):  # type: ignore[no-untyped-def]
     return ctx
 
 
-def _filters(state: GatewayState, plans: Sequence[FilterPlan]):  # type: ignore[no-untyped-def]
+def _filters(generations: Generations, plan: GatewayPlan):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        assert state.session is not None and state.http is not None and state.background is not None
-        services = Services(clusters=state.clusters, background=state.background, http=state.http,
-                            metrics=state.metrics.registry, gateway_load=state.load,
-                            prefix_index=state.prefix_index, session=state.session)
-        chain = FilterChain(build_filters(plans, services))
-        proxy = Proxy(state.session, state.config.server.debug_headers)
-        app[handlers.EXCHANGE_KEY] = Exchange(state, chain, proxy)
-        await chain.start()
+        await generations.start(plan)  # the first generation: its chain, its exchange
         yield
-        await chain.close()
+        await generations.close()
 
     return ctx
 
@@ -115,13 +104,11 @@ def _kv_feed(state: GatewayState):  # type: ignore[no-untyped-def]
     return ctx
 
 
-def _monitor(state: GatewayState):  # type: ignore[no-untyped-def]
+def _monitor(generations: Generations):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        assert state.http is not None
-        monitor = EndpointMonitor(list(state.clusters), state.http)
-        monitor.start()
+        generations.start_monitor()  # a reload restarts it over the new clusters
         yield
-        await monitor.close()
+        await generations.close_monitor()
 
     return ctx
 

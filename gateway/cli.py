@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.serve:main", "run the gateway: kvgate serve -c FILE"),
     "check-config": ("gateway.serve:check_config_main", "validate a config file; exit 0 if valid, 1 if not"),
+    "hash-key": ("filters.auth:hash_key_main", "read an API key on stdin, print its `auth` keys-file entry"),
     "make-tiny-model": ("mlxd.tiny_model:main", "write a seeded tiny Llama + BPE tokenizer model directory"),
     "mlx-serve": ("mlxd.server:main", "run an MLX inference daemon (OpenAI + vLLM-style API)"),
     "mock-lmcache": ("testbed.mock_lmcache.cli:main", "run the mock LMCache controller"),

@@ -21,6 +21,18 @@ EndpointKind = Literal["mlx", "vllm", "openai"]
 
 
 @dataclass(frozen=True, slots=True)
+class AdminListenerConfig:
+    """`server.admin:` a separate listener for the admin endpoints (metrics, status, reload)."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", f"must be in 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8888
@@ -29,8 +41,15 @@ class ServerConfig:
     debug_headers: bool = False
     drain_timeout: Seconds = 30.0
     background_queue_size: int = 1024
+    admin: AdminListenerConfig | None = None  # admin endpoints on their own listener
+    admin_key_env: str | None = None  # env var holding the key the admin endpoints require
 
     def __post_init__(self) -> None:
+        if self.admin is not None and self.admin.port and self.admin.port == self.port \
+                and self.admin.host == self.host:
+            raise FieldError("admin.port", f"must differ from server.port ({self.port})")
+        if self.admin_key_env is not None and not self.admin_key_env:
+            raise FieldError("admin_key_env", "must name an environment variable")
         if not 0 <= self.port <= 65535:
             raise FieldError("port", f"must be in 0..65535, got {self.port}")
         if self.workers < 1:
@@ -134,6 +153,21 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendAuthConfig:
+    """`backend_auth:` of a cluster: a credential the gateway sends to its backends,
+    taken from an environment variable (never written in the YAML)."""
+
+    value_env: str
+    header: str = "Authorization"
+
+    def __post_init__(self) -> None:
+        if not self.value_env:
+            raise FieldError("value_env", "must name an environment variable")
+        if not self.header or any(c in self.header for c in " :\r\n"):
+            raise FieldError("header", f"must be a header name, got {self.header!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class PickerSpec:
     """`picker:` of a cluster; `config` is decoded by the picker's own config class."""
 
@@ -153,6 +187,8 @@ class ClusterConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     cache_aware: Any = None  # the cache_aware picker's config in the short form (raw)
     metrics_interval: Seconds = 2.0
+    forward_client_auth: bool = False  # forward the client's Authorization / x-api-key
+    backend_auth: BackendAuthConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoints:

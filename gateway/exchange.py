@@ -113,7 +113,8 @@ class Exchange:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
-        ctx = RequestContext(request_id(request), request.method, request.path, request.headers)
+        ctx = RequestContext(request_id(request), request.method, request.path, request.headers,
+                             remote=request.remote)
         request[CONTEXT_KEY] = ctx
         state.inflight += 1
         try:

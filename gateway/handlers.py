@@ -5,16 +5,20 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.exchange import Exchange
 from gateway.metrics import render
+from gateway.reload import GENERATIONS_KEY
 from gateway.state import STATE_KEY, GatewayState
-
-EXCHANGE_KEY = web.AppKey("kvgate_exchange", Exchange)
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    """Every proxied request: one exchange runs its whole lifecycle."""
-    return await request.app[EXCHANGE_KEY].handle(request)
+    """Every proxied request: one exchange runs its whole lifecycle, on the config
+    generation current when it started (a reload meanwhile does not affect it)."""
+    generations = request.app[GENERATIONS_KEY]
+    generation = generations.acquire()
+    try:
+        return await generation.exchange.handle(request)
+    finally:
+        generations.release(generation)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.endpoints import Cluster, Endpoint
+from gateway.upstream_auth import apply_upstream_auth
 from gateway.usage import stripper_for
 from kvkernel.context import RequestContext
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
@@ -190,7 +191,8 @@ class Proxy:
             try:
                 upstream = await self.session.request(
                     request.method, URL(endpoint.url + request.raw_path, encoded=True), data=ctx.body or None,
-                    headers=forward_headers(request, ctx.request_id), timeout=timeout,
+                    headers=apply_upstream_auth(forward_headers(request, ctx.request_id), plan.cluster.config),
+                    timeout=timeout,
                     allow_redirects=False,
                 )
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,

@@ -4,6 +4,8 @@ SIGTERM/SIGINT: stop accepting connections, let in-flight requests (streams
 included) finish within `server.drain_timeout`, then close everything.
 With `server.workers > 1`, that many processes share the port (SO_REUSEPORT) and
 their metrics (prometheus-client's multiprocess mode, see `gateway.metrics`).
+SIGHUP: reload the config file (see gateway/reload.py); an invalid one is logged
+and the running config stays.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from filters.registry import FilterPlan
+from gateway.admin import create_admin_app
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.metrics import enable_multiprocess
 from gateway.plan import GatewayPlan, plan_gateway
+from gateway.reload import GENERATIONS_KEY, ReloadError
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
 
@@ -59,9 +63,9 @@ def check_config_main(argv: Sequence[str]) -> int:
 
 
 async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan], reuse_port: bool = False,
-                      stop: asyncio.Event | None = None) -> None:
+                      stop: asyncio.Event | None = None, config_path: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and shut down."""
-    app = create_app(config, plans)
+    app = create_app(config, plans, config_path=config_path)
     state = app[STATE_KEY]
     server = config.server
     # handler_cancellation: a client that goes away cancels its request, which closes the
@@ -75,16 +79,21 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     except OSError:  # e.g. the port is taken: close what setup opened, report in one line
         await runner.cleanup()
         raise
+    admin_runner = await _start_admin(app, reuse_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, app, reloads)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a stop that came early is delivered now
     log.info("kvgate listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
     await stop.wait()
     log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, server.drain_timeout)
     state.draining = True
     await site.stop()  # stop accepting; established connections keep going
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     deadline = loop.time() + server.drain_timeout
     while state.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110 - bounded drain poll
         await asyncio.sleep(0.05)
@@ -93,6 +102,30 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     # arrives while the interpreter tears down must not turn a clean exit into a kill.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     log.info("kvgate stopped")
+
+
+async def _start_admin(app: web.Application, reuse_port: bool) -> web.AppRunner | None:
+    """The separate admin listener (`server.admin`), if configured."""
+    admin = app[STATE_KEY].config.server.admin
+    if admin is None:
+        return None
+    runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, admin.host, admin.port, reuse_port=reuse_port or None).start()
+    log.info("kvgate admin endpoints on http://%s:%d", admin.host, admin.port)
+    return runner
+
+
+def _on_sighup(app: web.Application, tasks: set[asyncio.Task[None]]) -> None:
+    async def reload() -> None:
+        try:
+            await app[GENERATIONS_KEY].reload()
+        except ReloadError:
+            pass  # logged by the reload itself; the running config stays
+
+    task = asyncio.get_running_loop().create_task(reload())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def tune_gc() -> None:
@@ -109,7 +142,7 @@ def tune_gc() -> None:
     gc.set_threshold(7000, older, oldest)
 
 
-def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool) -> None:
+def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool, config_path: str | None = None) -> None:
     tune_gc()
     try:
         import uvloop
@@ -118,28 +151,28 @@ def _run(config: GatewayConfig, plans: GatewayPlan, reuse_port: bool) -> None:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(run_gateway(config, plans, reuse_port))
+        runner.run(run_gateway(config, plans, reuse_port, config_path=config_path))
 
 
-def _serve_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
-    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT; wait for all.
+def _serve_workers(config: GatewayConfig, plans: GatewayPlan, config_path: str | None = None) -> int:
+    """Fork `workers` processes sharing the port; forward SIGTERM/SIGINT/SIGHUP; wait for all.
     Metrics go to a fresh directory the workers share (one consistent `/metrics`)."""
     metrics_dir = tempfile.mkdtemp(prefix="kvgate-metrics-")
     enable_multiprocess(metrics_dir)
     try:
-        return _fork_workers(config, plans)
+        return _fork_workers(config, plans, config_path)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _fork_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
+def _fork_workers(config: GatewayConfig, plans: GatewayPlan, config_path: str | None) -> int:
     children = []
     for _ in range(config.server.workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                _run(config, plans, reuse_port=True)
+                _run(config, plans, reuse_port=True, config_path=config_path)
                 code = 0
             except OSError as exc:  # os._exit below would swallow it: say why this worker stops
                 print(f"kvgate serve: worker {os.getpid()}: {exc}", file=sys.stderr)
@@ -156,6 +189,7 @@ def _fork_workers(config: GatewayConfig, plans: GatewayPlan) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads on its own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     status = 0
     for child in children:
@@ -184,6 +218,6 @@ def main(argv: Sequence[str]) -> int:
         config = replace(config, server=replace(config.server, port=args.port))
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     if config.server.workers > 1:
-        return _serve_workers(config, plans)
-    _run(config, plans, reuse_port=False)
+        return _serve_workers(config, plans, args.config)
+    _run(config, plans, reuse_port=False, config_path=args.config)
     return 0

@@ -82,6 +82,7 @@ class RequestContext:
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)  # the client's, read-only
+    remote: str | None = None  # the client's address (the peer of the connection)
     started: float = field(default_factory=time.perf_counter)
     received_at: float = field(default_factory=time.time)
     route: str | None = None

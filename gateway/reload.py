@@ -1,0 +1,258 @@
+"""Hot reload: the exchange's routes, clusters, pickers and chain as one swappable generation.
+
+A `Generation` bundles what a request needs from the config: a per-generation view of
+the gateway state (routes, clusters, pickers; the shared singletons — prefix index,
+clients, background queue, metrics — are the same objects), the filter chain and the
+`Exchange` built on them. Each request takes the current generation when it starts
+and finishes on it, whatever is reloaded meanwhile.
+
+`Generations.reload()` (SIGHUP, `POST /admin/reload`) re-reads the config file and
+plans it; an invalid config is rejected with its YAML-path error and nothing changes.
+A valid one becomes a new generation that keeps what still applies:
+
+- an endpoint whose config (and cluster breaker config) is unchanged is the same
+  `Endpoint` object: health, breaker, load and statistics carry over;
+- a cluster whose picker type and config are unchanged keeps its picker (learned state);
+- a filter whose type, name and config are unchanged is the same started instance,
+  unless its class sets `restart_on_reload` (e.g. `auth`, which re-reads its keys);
+- the prefix index, the KV-event feed, clients and the background queue are never rebuilt.
+
+New filters start before the swap; the old generation's filters that are not carried
+over close once its last in-flight request is done. `server:` settings other than
+those read per request are not applied live: the answer lists them under
+`restart_needed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from filters.base import Filter, Services
+from filters.runner import FilterChain
+from gateway.config import ClusterConfig, GatewayConfig, load_config
+from gateway.endpoints import Cluster, ClusterRegistry, Endpoint, build_cluster
+from gateway.exchange import Exchange
+from gateway.monitor import EndpointMonitor
+from gateway.pickers.base import Picker
+from gateway.plan import GatewayPlan, plan_gateway
+from gateway.proxy import Proxy
+from gateway.routes import RouteTable
+from gateway.state import GatewayState
+from kvkernel.decode import ConfigError
+
+log = logging.getLogger("kvgate.reload")
+
+# Read per request from the generation's config: these apply on reload.
+_LIVE_SERVER_FIELDS = frozenset({"debug_headers"})
+
+
+@dataclass(eq=False)
+class Generation:
+    number: int
+    plan: GatewayPlan
+    state: GatewayState  # this generation's view; `inflight` counts its own requests
+    chain: FilterChain
+    exchange: Exchange
+    retired: bool = False
+    closed: bool = False
+
+
+class ReloadError(Exception):
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.path = message, path
+
+
+@dataclass(eq=False)
+class Generations:
+    """The current generation, the retired ones still serving requests, and the reload."""
+
+    root: GatewayState  # app-wide: shared singletons, the current view for status/metrics
+    config_path: str | None = None
+    monitor_enabled: bool = True
+    current: Generation | None = None
+    retired: list[Generation] = field(default_factory=list)
+    monitor: EndpointMonitor | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def services(self, clusters: ClusterRegistry) -> Services:
+        root = self.root
+        assert root.http is not None and root.background is not None
+        return Services(clusters=clusters, background=root.background, http=root.http,
+                        metrics=root.metrics.registry, gateway_load=root.load, prefix_index=root.prefix_index,
+                        session=root.session)
+
+    async def start(self, plan: GatewayPlan) -> None:
+        """Build and start the first generation from the root state's clusters and pickers."""
+        root = self.root
+        services = self.services(root.clusters)
+        filters = [p.cls(p.config, p.name, services) for p in plan.filters]
+        chain = FilterChain(filters)
+        await chain.start()
+        self.current = self._generation(0, plan, root.clusters, root.pickers, chain)
+
+    def _generation(self, number: int, plan: GatewayPlan, clusters: ClusterRegistry,
+                    pickers: dict[str, Picker], chain: FilterChain) -> Generation:
+        root = self.root
+        config = plan.config
+        routes = RouteTable(config.routes)
+        view = dataclasses.replace(root, config=config, clusters=clusters, pickers=pickers, routes=routes,
+                                   inflight=0, draining=root.draining)
+        assert root.session is not None
+        exchange = Exchange(view, chain, Proxy(root.session, config.server.debug_headers))
+        return Generation(number, plan, view, chain, exchange)
+
+    def acquire(self) -> Generation:
+        """The generation a new request runs on (counted in the root's in-flight total)."""
+        gen = self.current
+        assert gen is not None, "the gateway has not started"
+        gen.state.draining = self.root.draining
+        self.root.inflight += 1
+        return gen
+
+    def release(self, gen: Generation) -> None:
+        self.root.inflight -= 1
+        if gen.retired and gen.state.inflight == 0 and not gen.closed:
+            self._spawn(self._close(gen))
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and swap generations; ReloadError leaves everything as it was."""
+        async with self._lock:
+            if self.config_path is None:
+                raise ReloadError("this gateway was not started from a config file; nothing to reload")
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+                plan = plan_gateway(config)
+            except ConfigError as exc:
+                log.error("reload of %s rejected, the running config stays: %s", self.config_path, exc)
+                raise ReloadError(str(exc), exc.path) from None
+            return await self._swap(plan)
+
+    async def _swap(self, plan: GatewayPlan) -> dict[str, Any]:
+        old = self.current
+        assert old is not None
+        clusters = carry_over_clusters(old.state.clusters, plan.config.clusters)
+        pickers = {name: _kept_picker(old, name, p) or p.build() for name, p in plan.pickers.items()}
+        services = self.services(clusters)
+        kept = {(type(f), f.name, _config_key(f.config)): f for f in old.chain.filters
+                if not f.restart_on_reload}
+        filters: list[Filter] = []
+        fresh: list[Filter] = []
+        for p in plan.filters:
+            found = kept.pop((p.cls, p.name, _config_key(p.config)), None)
+            if found is None:
+                found = p.cls(p.config, p.name, services)
+                fresh.append(found)
+            filters.append(found)
+        try:
+            await FilterChain(fresh).start()
+        except Exception as exc:
+            await FilterChain(fresh).close()
+            log.exception("reload rejected: a new filter failed to start")
+            raise ReloadError(f"a filter failed to start: {type(exc).__name__}: {exc}") from None
+        for f in filters:
+            f.services.clusters = clusters  # carried-over filters see the new clusters too
+        gen = self._generation(old.number + 1, plan, clusters, pickers, FilterChain(filters))
+        restart = _restart_needed(old.plan.config, plan.config)
+        self.current = gen
+        root = self.root
+        root.config, root.clusters, root.pickers, root.routes = plan.config, clusters, pickers, gen.state.routes
+        old.retired = True
+        self.retired.append(old)
+        if old.state.inflight == 0:
+            await self._close(old)
+        self._restart_monitor()
+        log.info("config reloaded: generation %d (%d clusters, filters: %s)%s", gen.number, len(plan.config.clusters),
+                 ", ".join(f.name for f in filters) or "none",
+                 f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
+        return {"generation": gen.number, "restart_needed": restart,
+                "endpoints_kept": sorted(e.id for e in clusters.all_endpoints()
+                                         if e in set(old.state.clusters.all_endpoints())),
+                "filters_started": [f.name for f in fresh]}
+
+    async def _close(self, gen: Generation) -> None:
+        """Close the retired generation's filters that the current one does not use."""
+        if gen.closed:
+            return
+        gen.closed = True
+        in_use = set(self.current.chain.filters) if self.current is not None else set()
+        in_use |= {f for g in self.retired if not g.closed for f in g.chain.filters}
+        await FilterChain([f for f in gen.chain.filters if f not in in_use]).close()
+        if gen in self.retired:
+            self.retired.remove(gen)
+
+    async def close(self) -> None:
+        """Shutdown: close every generation's filters (each once)."""
+        for task in list(self._tasks):
+            await task
+        closing = {f: None for g in [*self.retired, self.current] if g is not None for f in g.chain.filters}
+        await FilterChain(list(closing)).close()
+
+    def start_monitor(self) -> None:
+        if self.monitor_enabled:
+            assert self.root.http is not None
+            self.monitor = EndpointMonitor(list(self.root.clusters), self.root.http)
+            self.monitor.start()
+
+    async def close_monitor(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
+            self.monitor = None
+
+    def _restart_monitor(self) -> None:
+        if self.monitor is None:
+            return
+        old = self.monitor
+        self.monitor = None
+        self._spawn(old.close())
+        self.start_monitor()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def carry_over_clusters(old: ClusterRegistry, configs: Sequence[ClusterConfig]) -> ClusterRegistry:
+    """New clusters in which every endpoint whose config and breaker config did not change
+    is the old `Endpoint` object (health, breaker, load and statistics kept)."""
+    previous: dict[str, tuple[Endpoint, ClusterConfig]] = {
+        e.id: (e, c.config) for c in old for e in c.endpoints}
+    clusters: list[Cluster] = []
+    for config in configs:
+        fresh = build_cluster(config)
+        for i, endpoint in enumerate(fresh.endpoints):
+            prior = previous.get(endpoint.id)
+            if prior is not None and prior[0].config == endpoint.config \
+                    and prior[1].circuit_breaker == config.circuit_breaker:
+                fresh.endpoints[i] = prior[0]
+        clusters.append(fresh)
+    return ClusterRegistry(clusters)
+
+
+def _kept_picker(old: Generation, cluster: str, plan: Any) -> Picker | None:
+    prior = old.plan.pickers.get(cluster)
+    if prior is None or prior.cls is not plan.cls or _config_key(prior.config) != _config_key(plan.config):
+        return None
+    return old.state.pickers.get(cluster)
+
+
+def _config_key(config: Any) -> str:
+    return repr(config)  # frozen dataclasses of plain values: equal configs, equal reprs
+
+
+def _restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    return [f"server.{f.name}" for f in dataclasses.fields(old.server)
+            if f.name not in _LIVE_SERVER_FIELDS and getattr(old.server, f.name) != getattr(new.server, f.name)]
+
+
+
+GENERATIONS_KEY = web.AppKey("kvgate_generations", Generations)
