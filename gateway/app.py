@@ -16,6 +16,7 @@ from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.kv_feed import KVEventFeed
+from gateway.loop_lag import loop_lag_ctx
 from gateway.metrics import GatewayMetrics, multiprocess_dir
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.reload import GENERATIONS_KEY, Generations
@@ -45,6 +46,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     app.cleanup_ctx.append(_filters(generations, plan))
     app.cleanup_ctx.append(_background(state))  # drains before the filters and clients close
     app.cleanup_ctx.append(_kv_feed(state))
+    app.cleanup_ctx.append(loop_lag_ctx(state.loop_lag))
     app.cleanup_ctx.append(_monitor(generations))
     if multiprocess_dir() is not None:
         app.cleanup_ctx.append(_gauge_refresh(state))

@@ -44,6 +44,7 @@ async def status(request: web.Request) -> web.Response:
         "endpoints": [e.snapshot() for e in state.clusters.all_endpoints()],
         "pickers": {name: {"type": p.type_name, "state": p.status()} for name, p in state.pickers.items()},
         "prefix_index": state.prefix_index.stats(),
+        "event_loop_lag": state.loop_lag.status(),
         "kv_events": state.kv_feed.status() if state.kv_feed is not None else {},
         "background": {"submitted": bg.submitted, "dropped": bg.dropped, "completed": bg.completed,
                        "failed": bg.failed} if bg else None,
@@ -54,6 +55,7 @@ def refresh_gauges(state: GatewayState) -> None:
     """Copy live state into the gauges (on scrape; each second too with several workers)."""
     state.metrics.refresh_endpoints(state.clusters)
     state.metrics.refresh_pickers(state.pickers)
+    state.metrics.refresh_loop_lag(state.loop_lag)
     if state.background is not None:
         state.metrics.background_dropped.set(state.background.stats.dropped)
 

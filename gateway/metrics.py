@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.endpoints import ClusterRegistry
+from gateway.loop_lag import LoopLag
 from gateway.pickers.base import Picker
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
@@ -87,6 +88,8 @@ class GatewayMetrics:
                                     "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
                                     "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r,
                                     multiprocess_mode="liveall")
+        self.loop_lag = Gauge("kvgate_event_loop_lag_seconds", "How late the event loop ran a 100 ms wake-up, "
+                              "last sample", registry=r, multiprocess_mode="livemax")
         self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
                                         registry=r, multiprocess_mode="livesum")
 
@@ -127,6 +130,9 @@ class GatewayMetrics:
         done = usage.completion_tokens
         if done is not None and done > 1 and ctx.latency_ms is not None:
             self.child(self.tpot, cluster, model).observe((ctx.latency_ms - ctx.ttfb_ms) / 1000 / (done - 1))
+
+    def refresh_loop_lag(self, lag: LoopLag) -> None:
+        self.loop_lag.set(lag.samples[-1] if lag.samples else 0.0)
 
     def refresh_pickers(self, pickers: Mapping[str, Picker]) -> None:
         for cluster, picker in pickers.items():

@@ -12,6 +12,7 @@ from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry
 from gateway.kv_feed import KVEventFeed
+from gateway.loop_lag import LoopLag
 from gateway.metrics import GatewayMetrics
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
@@ -27,6 +28,7 @@ class GatewayState:
     routes: RouteTable  # config order, first match wins
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     kv_feed: KVEventFeed | None = None
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     background: BackgroundQueue | None = None
     http: httpx.AsyncClient | None = None
     session: aiohttp.ClientSession | None = None

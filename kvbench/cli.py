@@ -15,12 +15,14 @@ BENCHMARKS = {
     "mlx": "kvbench.mlx",
     "routing": "kvbench.routing",
     "cache-round": "kvbench.cache_round",
+    "soak": "kvbench.soak",
 }
 HELP = {
     "overhead": "the gateway's added latency and CPU against direct and a bare relay",
     "mlx": "prefix reuse on the MLX daemon: TTFT with and without a shared prefix",
     "routing": "routing policies over simulated vLLM backends",
     "cache-round": "a cache-management round off the event loop",
+    "soak": "100k requests through the full chain: RSS, open fds and event-loop lag over time",
 }
 
 

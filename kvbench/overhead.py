@@ -32,7 +32,7 @@ import psutil
 from kvbench.loadgen import LoadgenProcess, LoadJob, LoadResult
 from kvbench.overhead_profile import Breakdown, PySpy, find_py_spy, group, render_breakdown
 from kvbench.overhead_report import RunInfo, Scenario, TargetStats, render, summarize
-from kvbench.report import DEFAULT_PATH, write_section
+from kvbench.report import default_path, write_section
 from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd
 
 PROMPT = ("You are a helpful assistant. Summarise the following text in one sentence. " * 6).strip()
@@ -80,7 +80,7 @@ class Options:  # not slotted: parse_args reads the class defaults
     concurrency: int = 32
     warmup: int = 300
     workers: int = 1
-    output: Path | None = DEFAULT_PATH  # None: do not write docs/benchmarks.md
+    output: Path | None = None  # None: do not write the results file
     cprofile: Path | None = None  # profile the gateway with cProfile into this file
     baseline_tree: Path | None = None  # also measure a gateway served from this source tree
     py_spy: bool = False  # after the rounds, sample the gateway with py-spy under one more round
@@ -265,7 +265,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--concurrency", type=int, default=Options.concurrency)
     parser.add_argument("--warmup", type=int, default=Options.warmup, help="warm-up requests per path")
     parser.add_argument("--workers", type=int, default=Options.workers, help="gateway server.workers")
-    parser.add_argument("--output", type=Path, default=DEFAULT_PATH, help="benchmarks markdown file")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="benchmarks markdown file (default: kvgate bench -o, else ./benchmarks.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--baseline-tree", type=Path, help="also measure the gateway of this source tree")
     parser.add_argument("--no-bare-relay", action="store_true",
@@ -285,7 +286,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     if args.py_spy and (find_py_spy() is None or args.workers != 1 or args.cprofile):
         parser.error("--py-spy needs py-spy installed (pip install py-spy), --workers 1 and no --cprofile")
     return Options(args.requests, args.serial_requests, args.rounds, args.concurrency, max(1, args.warmup),
-                   args.workers, None if args.no_write else args.output, args.cprofile, args.baseline_tree,
+                   args.workers, None if args.no_write else (args.output or default_path()), args.cprofile,
+                   args.baseline_tree,
                    args.py_spy, not args.no_bare_relay, not args.no_full_chain)
 
 

@@ -26,7 +26,6 @@ def default_path() -> Path:
     return Path(os.environ.get(OUTPUT_ENV) or "benchmarks.md")
 
 
-DEFAULT_PATH = default_path()  # at import: `kvgate bench -o` sets the variable before
 HEADER = "# Benchmarks\n\nWritten by `kvgate bench ...`; each section is replaced by its own benchmark's latest run.\n"
 
 

@@ -9,15 +9,19 @@ in docs/img/.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvbench.report import DEFAULT_PATH, machine_line, write_section
+from kvbench.report import default_path, machine_line, write_section
+from kvbench.routing_targets import render_targets
 from kvbench.workloads import build
+from testbed.sim_vllm.tokenizer import SimTokenizer
 
 if TYPE_CHECKING:
     from kvbench.results import PolicyResult
@@ -42,8 +46,18 @@ def _row(r: PolicyResult) -> str:
             f"| {decisions} |")
 
 
+@functools.lru_cache(maxsize=1)
+def suite_tokenizer() -> SimTokenizer:
+    """The tokenizer the suite's sims load (the tiny model's, seed 0), for the ceilings."""
+    from mlxd.tiny_model import write_model
+    from testbed.sim_vllm.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kvgate-bench-tokenizer-") as tmp:
+        return load_tokenizer(write_model(Path(tmp) / "model", "tiny", seed=0))
+
+
 def render(results: Sequence[PolicyResult], opts: Options, command: str, plots: Sequence[Path],
-           plot_base: Path) -> str:
+           plot_base: Path, tokenizer: SimTokenizer | None = None) -> str:
     """The markdown section body: setup, then per workload a table (and its plot, if any)."""
     shape = opts.shape
     lines = [
@@ -60,7 +74,7 @@ def render(results: Sequence[PolicyResult], opts: Options, command: str, plots: 
     plot_names = {p.stem.removeprefix("routing-ttft-"): p for p in plots}
     for name in opts.workloads:
         rows = [r for r in results if r.workload == name]
-        workload = build(name, opts.requests_scale, opts.seed)
+        workload = build(name, opts.requests_scale, opts.seed, tokenizer or suite_tokenizer())
         lines += ["", f"#### {name}", "",
                   f"{workload.description}; hit-ratio ceiling {workload.ceiling:.3f}.", "", HEADER,
                   "|" + "---|" * 11]
@@ -69,6 +83,7 @@ def render(results: Sequence[PolicyResult], opts: Options, command: str, plots: 
             rel = plot_names[name].relative_to(plot_base) if plot_names[name].is_relative_to(plot_base) \
                 else plot_names[name]
             lines += ["", f"![TTFT CDF, {name}]({rel.as_posix()})"]
+    lines += render_targets(results)
     return "\n".join(lines) + "\n"
 
 
@@ -117,9 +132,10 @@ def write_plots(results: Sequence[PolicyResult], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_docs(results: Sequence[PolicyResult], opts: Options, command: str, path: Path = DEFAULT_PATH) -> Path:
+def write_docs(results: Sequence[PolicyResult], opts: Options, command: str, path: Path | None = None) -> Path:
     """Replace the routing section of docs/benchmarks.md; JSON (summaries and TTFT CDFs, no
     per-request samples) beside it, plots in docs/img/."""
+    path = path if path is not None else default_path().resolve()
     docs = path.parent
     plots = write_plots(results, docs / "img")
     write_json(results, opts, command, docs / "benchmarks-routing.json", samples=False)
