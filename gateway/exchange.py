@@ -115,7 +115,8 @@ class Exchange:
         state.inflight += 1
         try:
             response = await self._serve(request, ctx)
-            ctx.status = response.status
+            if ctx.status is None:  # a relay that broke mid-way has recorded its failure status
+                ctx.status = response.status
             return response
         except asyncio.CancelledError:
             ctx.error = ctx.error or "cancelled (client gone or shutdown)"

@@ -35,6 +35,11 @@ class GatewayMetrics:
                              ["endpoint"], registry=r)
         self.breaker = Gauge("kvgate_endpoint_breaker_state", "0 closed, 1 half-open, 2 open",
                              ["endpoint"], registry=r)
+        self.ejected = Gauge("kvgate_endpoint_ejected", "1 while outlier detection ejects the endpoint",
+                             ["endpoint"], registry=r)
+        self.ejections = Counter("kvgate_endpoint_ejections", "Outlier ejections of the endpoint",
+                                 ["endpoint"], registry=r)
+        self._ejections_seen: dict[str, int] = {}
         self.picker_learned = Gauge("kvgate_picker_learned", "What a picker learned per endpoint (see `name`): "
                                     "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
                                     "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r)
@@ -72,3 +77,7 @@ class GatewayMetrics:
             self.inflight.labels(ep.id).set(ep.inflight)
             self.healthy.labels(ep.id).set(1 if ep.healthy else 0)
             self.breaker.labels(ep.id).set(_BREAKER_VALUE[ep.breaker.state])
+            self.ejected.labels(ep.id).set(1 if ep.outlier.ejected() else 0)
+            seen = self._ejections_seen.get(ep.id, 0)
+            self.ejections.labels(ep.id).inc(ep.outlier.ejections - seen)
+            self._ejections_seen[ep.id] = ep.outlier.ejections
