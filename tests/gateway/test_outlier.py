@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -20,9 +18,8 @@ from gateway.outlier import (
     OutlierTracker,
     outcome_of_status,
 )
-from testbed.fake_openai import FakeBackend
 from tests.conftest import wait_until
-from tests.gateway.harness import Stack, gateway_yaml, start_backend, start_gateway
+from tests.gateway.harness import fake_stack as stack
 
 COMPLETION = {"model": "fake-model", "prompt": "Once upon a time", "max_tokens": 8}
 S, F5, GW, N = Outcome.SUCCESS, Outcome.ERROR_5XX, Outcome.GATEWAY_FAILURE, Outcome.NEUTRAL
@@ -90,23 +87,6 @@ def test_disabled_detection_never_ejects() -> None:
 
 
 # --- end to end ------------------------------------------------------------------------------------
-
-@asynccontextmanager
-async def stack(tmp_path: Path, n: int = 2, cluster: str = "", timeouts: str = "") -> AsyncIterator[Stack]:
-    fakes = {chr(ord("a") + i): FakeBackend(chr(ord("a") + i)) for i in range(n)}
-    servers = {eid: await start_backend(f) for eid, f in fakes.items()}
-    log_path = tmp_path / "access.jsonl"
-    text = gateway_yaml({e: s.port for e, s in servers.items()}, log_path, lb_policy="round_robin", cluster=cluster)
-    if timeouts:
-        text = text.replace("timeouts: {connect: 500ms, first_byte: 5s}", f"timeouts: {{{timeouts}}}")
-    gw = await start_gateway(text)
-    try:
-        yield Stack(gw, fakes, servers, log_path)
-    finally:
-        await gw.close()
-        for server in servers.values():
-            await server.close()
-
 
 async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
     async with session.post(url + "/v1/completions", json=COMPLETION) as resp:
