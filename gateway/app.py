@@ -16,6 +16,7 @@ from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.exchange import Exchange
+from gateway.hygiene import quiet_client_errors
 from gateway.kv_feed import KVEventFeed
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import EndpointMonitor
@@ -30,6 +31,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     validated filter plans to check with the config's pickers; `monitor=False` disables
     background health checks (tests drive them by hand). Raises ConfigError."""
     plan = plans if isinstance(plans, GatewayPlan) else plan_gateway(config, plans)
+    quiet_client_errors()
     clusters = [build_cluster(c) for c in config.clusters]
     state = GatewayState(
         config=config,

@@ -16,11 +16,13 @@ A status is retried only while attempts remain; on the final attempt it is relay
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import aiohttp
 
 from gateway.outlier import Outcome, outcome_of_status
+from kvkernel.errors import error_body
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BREAKER_STATUSES = frozenset({502, 504})
@@ -58,3 +60,10 @@ def verdict_of_status(status: int, endpoint_id: str) -> Verdict | None:
         return None
     return Verdict(status, f"upstream {endpoint_id} answered {status}", "upstream_error", True,
                    status in BREAKER_STATUSES, outcome_of_status(status))
+
+
+def sse_error_event(status: int, message: str, timed_out: bool) -> bytes:
+    """The last event of a stream broken after its head: `data: {"error": {...}}` in
+    OpenAI's error shape (what OpenAI's own streams send on a server error)."""
+    body = error_body(status, message, code="upstream_timeout" if timed_out else "upstream_broken")
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

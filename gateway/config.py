@@ -29,6 +29,7 @@ class ServerConfig:
     debug_headers: bool = False
     drain_timeout: Seconds = 30.0
     background_queue_size: int = 1024
+    reuse_port: bool = False  # share the port with another gateway already serving it
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

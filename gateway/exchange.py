@@ -21,10 +21,12 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
 from gateway.endpoints import Cluster, Endpoint
+from gateway.hygiene import TargetError, normalise_target
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
 from gateway.proxy import ForwardPlan, Proxy
@@ -102,6 +104,18 @@ class AttemptAccounting:
         self.picker.released(self.ctx, endpoint)
 
 
+def _normalised(request: web.Request) -> tuple[web.Request, LocalReply | None]:
+    """The request with its normalised target (`gateway.hygiene`), or a 400 reply."""
+    try:
+        target = normalise_target(request.raw_path)
+    except TargetError as exc:
+        # The connection is closed after it: the client and the gateway disagree on framing or paths.
+        return request, error_reply(400, str(exc), code="invalid_request_target", headers={"Connection": "close"})
+    if target != request.raw_path:
+        request = request.clone(rel_url=URL(target, encoded=True))
+    return request, None
+
+
 class Exchange:
     def __init__(self, state: GatewayState, chain: FilterChain, proxy: Proxy) -> None:
         self.state = state
@@ -110,11 +124,16 @@ class Exchange:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
-        ctx = RequestContext(request_id(request), request.method, request.path, request.headers)
+        request, refused = _normalised(request)
+        ctx = RequestContext(request_id(request), request.method, request.path if refused is None
+                             else request.raw_path[:200], request.headers)
         request[CONTEXT_KEY] = ctx
         state.inflight += 1
         try:
-            response = await self._serve(request, ctx)
+            if refused is not None:
+                response: web.StreamResponse = await self._send(ctx, refused)
+            else:
+                response = await self._serve(request, ctx)
             if ctx.status is None:  # a relay that broke mid-way has recorded its failure status
                 ctx.status = response.status
             return response
@@ -145,9 +164,16 @@ class Exchange:
     def _plan(self, cluster: Cluster, ctx: RequestContext) -> ForwardPlan:
         picker = self.state.pickers[cluster.name]
         attempt = AttemptAccounting(picker, self.state.prefix_index, ctx)
-        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self.chain.on_response, ctx),
+        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self._on_head, ctx),
                            partial(predicted_uncached, ctx), attempt.dispatched, attempt.first_byte,
                            attempt.released)
+
+    async def _on_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        """`on_response`; a draining gateway also asks the client to close the connection,
+        so no request is sent on a connection the shutdown is about to close."""
+        await self.chain.on_response(ctx, head)
+        if self.state.draining:
+            head.headers["Connection"] = "close"
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> tuple[Cluster | None, LocalReply | None]:
         """Route, draining and body checks: the cluster, or the gateway's own reply."""
@@ -214,6 +240,8 @@ class Exchange:
         ctx.bytes_out = len(body)
         response = web.Response(status=head.status, body=body, headers=head.headers)
         response.content_type = "application/json"
+        if self.state.draining or head.headers.get("Connection", "").lower() == "close":
+            response.force_close()  # the header alone leaves aiohttp's side of the connection open
         return response
 
     async def _models(self, cluster: Cluster) -> LocalReply:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,11 +24,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.attempts import BREAKER_STATUSES, Verdict, verdict_of_error, verdict_of_status
+from gateway.attempts import (
+    BREAKER_STATUSES,
+    Verdict,
+    sse_error_event,
+    verdict_of_error,
+    verdict_of_status,
+)
 from gateway.endpoints import Cluster, Endpoint
 from gateway.outlier import Outcome, outcome_of_status
 from kvkernel.context import RequestContext
-from kvkernel.errors import error_body
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
 log = logging.getLogger("kvgate.proxy")
@@ -267,6 +271,8 @@ class Proxy:
         response = response_class(status=upstream.status, reason=upstream.reason, headers=head.headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
+        if head.headers.get("Connection", "").lower() == "close":  # set by the exchange when draining
+            response.force_close()
         ctx.status = upstream.status
         await response.prepare(request)
         tail = b""
@@ -309,10 +315,8 @@ class Proxy:
             self._fail(endpoint, counts=True)
             self._judge(ctx, plan, endpoint, Outcome.GATEWAY_FAILURE)
         if upstream.content_type == "text/event-stream":
-            event = {"error": error_body(ctx.status, ctx.error, code="upstream_" + ("timeout" if timed_out
-                                                                                      else "broken"))["error"]}
             try:
-                await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                await response.write(sse_error_event(ctx.status, ctx.error, timed_out))
                 await response.write_eof()
                 return
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):

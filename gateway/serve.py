@@ -21,6 +21,7 @@ from aiohttp import web
 from filters.registry import FilterPlan
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
+from gateway.listen import port_in_use
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -160,8 +161,13 @@ def main(argv: Sequence[str]) -> int:
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, port=args.port))
+    server = config.server
+    if not server.reuse_port and port_in_use(server.host, server.port):
+        print(f"kvgate: {server.host}:{server.port} is already served by another process "
+              "(set server.reuse_port: true to share it)", file=sys.stderr)
+        return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    if config.server.workers > 1:
+    if server.workers > 1:
         return _serve_workers(config, plans)
-    _run(config, plans, reuse_port=False)
+    _run(config, plans, reuse_port=server.reuse_port)
     return 0

@@ -242,24 +242,25 @@ async def test_json_without_a_content_type_is_still_checked(tmp_path: Path) -> N
         assert be["a"][0].seen == []
 
 
-@pytest.mark.parametrize("raw_path", ["/v1/x?a=b%20c&q=a+b&empty=&flag", "/v1/a%2Fb/c", "/v1//double",
-                                      "/v1/%E2%82%AC?x=%E2%82%AC"])
-async def test_query_and_encoded_paths_pass_through_unchanged(tmp_path: Path, raw_path: str) -> None:
-    async with echo_servers("a") as be, gateway({"a": be["a"][1].port}, tmp_path) as (url, _):
-        async with aiohttp.ClientSession() as session:
-            async with session.get(URL(url + raw_path, encoded=True)) as resp:
-                assert resp.status == 200
-        assert be["a"][0].seen[-1].raw_path == raw_path
-
-
-@pytest.mark.parametrize("raw_path", ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/./x", "/v1/%41",
+@pytest.mark.parametrize("raw_path", ["/v1/x?a=b%20c&q=a+b&empty=&flag", "/v1/%E2%82%AC?x=%E2%82%AC", "/v1/%41",
                                       "/v1/x?d=%2F&e=%7E"])
-async def test_raw_path_is_forwarded_byte_for_byte(tmp_path: Path, raw_path: str) -> None:
+async def test_query_and_encoded_paths_are_forwarded_byte_for_byte(tmp_path: Path, raw_path: str) -> None:
     async with echo_servers("a") as be, gateway({"a": be["a"][1].port}, tmp_path) as (url, _):
         async with aiohttp.ClientSession() as session:
             async with session.get(URL(url + raw_path, encoded=True)) as resp:
                 assert resp.status == 200
         assert be["a"][0].seen[-1].raw_path == raw_path
+
+
+@pytest.mark.parametrize("raw_path", ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/./x", "/v1/a%2Fb/c", "/v1//double"])
+async def test_ambiguous_paths_are_refused_not_forwarded(tmp_path: Path, raw_path: str) -> None:
+    """Dot segments, encoded slashes and empty segments could be read differently by the
+    backend than by the gateway's routes and filters (see gateway/hygiene.py)."""
+    async with echo_servers("a") as be, gateway({"a": be["a"][1].port}, tmp_path) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(URL(url + raw_path, encoded=True)) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request_target"
+        assert be["a"][0].seen == []
 
 
 async def test_upstream_errors_carry_the_request_id(tmp_path: Path) -> None:
