@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.endpoints import Cluster
 from gateway.outlier import Outcome, outcome_of_status
 from kvkernel.errors import error_body
+from kvkernel.reply import LocalReply, error_reply
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BREAKER_STATUSES = frozenset({502, 504})
@@ -67,3 +69,13 @@ def sse_error_event(status: int, message: str, timed_out: bool) -> bytes:
     OpenAI's error shape (what OpenAI's own streams send on a server error)."""
     body = error_body(status, message, code="upstream_timeout" if timed_out else "upstream_broken")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def no_endpoint_reply(cluster: Cluster) -> LocalReply:
+    """503 when no endpoint could be tried: all unhealthy, ejected, breaker-open, or at
+    `max_inflight_per_endpoint` (then said so: it is load, not breakage)."""
+    if any(e.max_inflight is not None and e.inflight >= e.max_inflight for e in cluster.endpoints):
+        return error_reply(503, f"every endpoint of cluster '{cluster.name}' is at its in-flight limit or "
+                           "unavailable", code="endpoints_saturated", headers={"Retry-After": "1"})
+    return error_reply(503, f"no healthy endpoint in cluster '{cluster.name}'", code="no_healthy_endpoint",
+                       headers={"Retry-After": "1"})

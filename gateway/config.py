@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from gateway.admission import LimitsConfig
 from gateway.outlier import OutlierDetectionConfig
 from kvkernel.breaker import CircuitBreakerConfig
 from kvkernel.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
@@ -30,6 +31,7 @@ class ServerConfig:
     drain_timeout: Seconds = 30.0
     background_queue_size: int = 1024
     reuse_port: bool = False  # share the port with another gateway already serving it
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from functools import partial
@@ -25,6 +26,7 @@ from yarl import URL
 
 from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
+from gateway.admission import AdmissionGate
 from gateway.endpoints import Cluster, Endpoint
 from gateway.hygiene import TargetError, normalise_target
 from gateway.pickers.base import Picker
@@ -121,6 +123,7 @@ class Exchange:
         self.state = state
         self.chain = chain
         self.proxy = proxy
+        self.gate = AdmissionGate(state.config.server.limits)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
@@ -129,8 +132,11 @@ class Exchange:
                              else request.raw_path[:200], request.headers)
         request[CONTEXT_KEY] = ctx
         state.inflight += 1
+        admitted = False
         try:
-            if refused is not None:
+            admitted = refused is None and await self.gate.enter()
+            if not admitted:
+                refused = refused or self._overloaded()
                 response: web.StreamResponse = await self._send(ctx, refused)
             else:
                 response = await self._serve(request, ctx)
@@ -141,10 +147,18 @@ class Exchange:
             ctx.error = ctx.error or "cancelled (client gone or shutdown)"
             raise
         finally:
+            if admitted:
+                self.gate.leave()
             state.inflight -= 1
             ctx.latency_ms = ctx.elapsed_ms()
             state.metrics.observe(ctx)
             await self.chain.on_complete(ctx)
+
+    def _overloaded(self) -> LocalReply:
+        limits = self.state.config.server.limits
+        return error_reply(503, f"gateway overloaded: {limits.max_inflight} requests in flight and the wait "
+                           f"queue full or its {limits.queue_timeout:g}s timeout passed", code="overloaded",
+                           headers={"Retry-After": str(max(1, math.ceil(limits.queue_timeout)))})
 
     async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         cluster, reply = await self._admit(request, ctx)
@@ -197,7 +211,11 @@ class Exchange:
         if not request.body_exists:
             return None
         try:
-            ctx.body = await request.read()
+            async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+                ctx.body = await request.read()
+        except TimeoutError:
+            return error_reply(408, "request body not received in time", code="body_timeout",
+                               headers={"Connection": "close"})
         except web.HTTPRequestEntityTooLarge:
             return error_reply(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode

@@ -27,6 +27,7 @@ from yarl import URL
 from gateway.attempts import (
     BREAKER_STATUSES,
     Verdict,
+    no_endpoint_reply,
     sse_error_event,
     verdict_of_error,
     verdict_of_status,
@@ -189,10 +190,7 @@ class Proxy:
                     stale = endpoint
                 if not last.retry:
                     break
-        if last is None:
-            return error_reply(503, f"no healthy endpoint in cluster '{cluster.name}'", code="no_healthy_endpoint",
-                               headers={"Retry-After": "1"})
-        return error_reply(last.status, last.message, code=last.code)
+        return no_endpoint_reply(cluster) if last is None else error_reply(last.status, last.message, code=last.code)
 
     async def _attempt(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan,
                        endpoint: Endpoint, final: bool, streamed: bool) -> web.StreamResponse:

@@ -21,7 +21,7 @@ from aiohttp import web
 from filters.registry import FilterPlan
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
-from gateway.listen import port_in_use
+from gateway.listen import GuardedSite, port_in_use
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -65,7 +65,7 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout,
                            handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
+    site = GuardedSite(runner, server.limits, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
