@@ -63,6 +63,9 @@ class AdmissionGate:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def stats(self) -> dict[str, int | None]:
+        return {"active": self.active, "limit": self.limit, "queued": self.queued, "rejected": self.rejected}
+
     async def enter(self) -> bool:
         if self.limit is None or (self.active < self.limit and not self._waiters):
             self.active += 1

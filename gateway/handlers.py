@@ -36,6 +36,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "inflight": state.inflight,
         "draining": state.draining,
+        "admission": request.app[EXCHANGE_KEY].gate.stats(),
         "endpoints": [e.snapshot() for e in state.clusters.all_endpoints()],
         "pickers": {name: {"type": p.type_name, "state": p.status()} for name, p in state.pickers.items()},
         "prefix_index": state.prefix_index.stats(),
@@ -47,6 +48,9 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    gate = request.app[EXCHANGE_KEY].gate
+    state.metrics.admission_queued.set(gate.queued)
+    state.metrics.admission_rejected.set(gate.rejected)
     state.metrics.refresh_endpoints(state.clusters)
     state.metrics.refresh_pickers(state.pickers)
     if state.background is not None:

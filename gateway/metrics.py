@@ -40,6 +40,10 @@ class GatewayMetrics:
         self.ejections = Counter("kvgate_endpoint_ejections", "Outlier ejections of the endpoint",
                                  ["endpoint"], registry=r)
         self._ejections_seen: dict[str, int] = {}
+        self.admission_queued = Gauge("kvgate_admission_queued", "Requests waiting for an in-flight slot",
+                                      registry=r)
+        self.admission_rejected = Gauge("kvgate_admission_rejected", "Requests refused by admission control "
+                                        "(queue full or queue_timeout) since start", registry=r)
         self.picker_learned = Gauge("kvgate_picker_learned", "What a picker learned per endpoint (see `name`): "
                                     "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
                                     "ttft_abs_error_seconds", ["cluster", "endpoint", "name"], registry=r)

@@ -143,6 +143,11 @@ async def test_requests_beyond_max_inflight_queue_then_get_503_with_retry_after(
                 await held.read()
             async with session.post(url, json=COMPLETION) as resp:  # the slot is free again
                 assert resp.status == 200
+            base = f"http://127.0.0.1:{gw.port}"
+            async with session.get(base + "/kvgate/status") as resp:
+                assert (await resp.json())["admission"] == {"active": 0, "limit": 1, "queued": 0, "rejected": 2}
+            async with session.get(base + "/metrics") as resp:
+                assert "kvgate_admission_rejected 2.0" in await resp.text()
         assert len(fake.requests) == 2
     finally:
         await gw.close()
