@@ -1,6 +1,7 @@
 """What one failed upstream attempt means, decided purely (no I/O): the status the
 client would get, whether another endpoint may be tried, whether the endpoint's
-circuit breaker counts it, and what outlier detection records.
+circuit breaker counts it, and what outlier detection records; then `charge` and
+`judge` apply a verdict to the endpoint.
 
 | failure | status | retried | breaker | outlier |
 |---|---|---|---|---|
@@ -17,14 +18,18 @@ A status is retried only while attempts remain; on the final attempt it is relay
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.endpoints import Cluster
+from gateway.endpoints import Cluster, Endpoint
 from gateway.outlier import Outcome, outcome_of_status
+from kvkernel.context import RequestContext
 from kvkernel.errors import error_body
 from kvkernel.reply import LocalReply, error_reply
+
+log = logging.getLogger("kvgate.proxy")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BREAKER_STATUSES = frozenset({502, 504})
@@ -79,3 +84,22 @@ def no_endpoint_reply(cluster: Cluster) -> LocalReply:
                            "unavailable", code="endpoints_saturated", headers={"Retry-After": "1"})
     return error_reply(503, f"no healthy endpoint in cluster '{cluster.name}'", code="no_healthy_endpoint",
                        headers={"Retry-After": "1"})
+
+
+def charge(endpoint: Endpoint, counts: bool) -> None:
+    """A failed attempt: counted in the endpoint's stats, and against its breaker when
+    `counts` (else only its half-open slot, if it held one, is given back)."""
+    endpoint.stats.failures += 1
+    if counts:
+        endpoint.breaker.record_failure()
+    else:
+        endpoint.breaker.release()
+
+
+def judge(ctx: RequestContext, cluster: Cluster, endpoint: Endpoint, outcome: Outcome) -> None:
+    """Tell outlier detection; an ejection is logged and named in the access log."""
+    outliers = cluster.outliers
+    if outliers is not None and outliers.record(endpoint.outlier, outcome):
+        ctx.log_fields["ejected_endpoint"] = endpoint.id
+        log.warning("endpoint %s ejected as an outlier for %.0fs (ejection %d)", endpoint.id,
+                    endpoint.outlier.remaining() or 0.0, endpoint.outlier.ejections)

@@ -27,6 +27,8 @@ from yarl import URL
 from gateway.attempts import (
     BREAKER_STATUSES,
     Verdict,
+    charge,
+    judge,
     no_endpoint_reply,
     sse_error_event,
     verdict_of_error,
@@ -219,8 +221,8 @@ class Proxy:
                 if verdict is not None and not final:
                     raise self._failed(ctx, plan, endpoint, verdict)
                 if upstream.status in BREAKER_STATUSES:
-                    self._fail(endpoint, counts=True)
-                self._judge(ctx, plan, endpoint, outcome_of_status(upstream.status))
+                    charge(endpoint, counts=True)
+                judge(ctx, plan.cluster, endpoint, outcome_of_status(upstream.status))
                 return await self._relay(request, ctx, plan, endpoint, upstream, backlog, next_chunk_by)
         except UpstreamFailure:
             raise
@@ -232,27 +234,12 @@ class Proxy:
             backlog.release()
             plan.on_release(endpoint)
 
-    def _failed(self, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint, verdict: Verdict) -> UpstreamFailure:
+    @staticmethod
+    def _failed(ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint, verdict: Verdict) -> UpstreamFailure:
         """Account a failed attempt (stats, breaker, outlier detection)."""
-        self._fail(endpoint, counts=verdict.breaker)
-        self._judge(ctx, plan, endpoint, verdict.outcome)
+        charge(endpoint, counts=verdict.breaker)
+        judge(ctx, plan.cluster, endpoint, verdict.outcome)
         return UpstreamFailure(verdict)
-
-    @staticmethod
-    def _judge(ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint, outcome: Outcome) -> None:
-        outliers = plan.cluster.outliers
-        if outliers is not None and outliers.record(endpoint.outlier, outcome):
-            ctx.log_fields["ejected_endpoint"] = endpoint.id
-            log.warning("endpoint %s ejected as an outlier for %.0fs (ejection %d)", endpoint.id,
-                        endpoint.outlier.remaining() or 0.0, endpoint.outlier.ejections)
-
-    @staticmethod
-    def _fail(endpoint: Endpoint, counts: bool) -> None:
-        endpoint.stats.failures += 1
-        if counts:
-            endpoint.breaker.record_failure()
-        else:
-            endpoint.breaker.release()
 
     async def _relay(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
                      upstream: aiohttp.ClientResponse, backlog: PrefillBacklog,
@@ -310,8 +297,8 @@ class Proxy:
         if timed_out:  # slow is not broken: the breaker and outlier detection do not count it
             endpoint.breaker.release()
         else:
-            self._fail(endpoint, counts=True)
-            self._judge(ctx, plan, endpoint, Outcome.GATEWAY_FAILURE)
+            charge(endpoint, counts=True)
+            judge(ctx, plan.cluster, endpoint, Outcome.GATEWAY_FAILURE)
         if upstream.content_type == "text/event-stream":
             try:
                 await response.write(sse_error_event(ctx.status, ctx.error, timed_out))
