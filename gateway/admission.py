@@ -136,8 +136,18 @@ class _GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
 
-    def __getattr__(self, name: str) -> Any:  # pause_writing, eof_received, ... go to aiohttp
-        return getattr(self._inner, name)
+    # asyncio.Protocol defines these as no-ops: each must reach aiohttp's handler explicitly
+    # (write flow control, half-closed connections).
+    def pause_writing(self) -> None:
+        if self._counted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._counted:
+            self._inner.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._counted else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.admission import AdmissionGate, LimitsConfig
 from gateway.app import create_app
@@ -20,6 +21,7 @@ from gateway.listen import GuardedSite
 from gateway.state import STATE_KEY
 from testbed.fake_openai import FakeBackend
 from tests.conftest import wait_until
+from tests.gateway.adversarial_backend import EchoBackend, create_echo_app
 from tests.gateway.harness import fake_stack, gateway_yaml, start_backend, start_gateway
 
 COMPLETION = {"model": "fake-model", "prompt": "Once upon a time", "max_tokens": 8}
@@ -54,22 +56,53 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
 
 
 @asynccontextmanager
-async def guarded_gateway(tmp_path: Path, limits: str, cluster: str = "") -> AsyncIterator[tuple[int, FakeBackend]]:
-    """A gateway served like `kvgate serve` serves it (AppRunner + GuardedSite)."""
-    fake = FakeBackend("a")
-    backend = await start_backend(fake)
-    text = gateway_yaml({"a": backend.port}, tmp_path / "access.jsonl", server=f", limits: {{{limits}}}",
-                        cluster=cluster)
-    app = create_app(load_config_text(text))
+async def served(yaml_text: str) -> AsyncIterator[int]:
+    """A gateway served like `kvgate serve` serves it (AppRunner + GuardedSite): its port."""
+    app = create_app(load_config_text(yaml_text))
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = GuardedSite(runner, app[STATE_KEY].config.server.limits, "127.0.0.1", 0)
     await site.start()
     try:
-        yield site.port, fake
+        yield site.port
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def guarded_gateway(tmp_path: Path, limits: str, cluster: str = "") -> AsyncIterator[tuple[int, FakeBackend]]:
+    fake = FakeBackend("a")
+    backend = await start_backend(fake)
+    text = gateway_yaml({"a": backend.port}, tmp_path / "access.jsonl", server=f", limits: {{{limits}}}",
+                        cluster=cluster)
+    try:
+        async with served(text) as port:
+            yield port, fake
+    finally:
         await backend.close()
+
+
+async def test_a_client_that_stops_reading_stalls_the_backend_through_the_guard(tmp_path: Path) -> None:
+    """The guard passes aiohttp's write flow control on: the gateway holds a bounded amount."""
+    backend = EchoBackend("a")
+    backend.mode, backend.stream_total = "big_stream", 512 * 1024 * 1024
+    server = TestServer(create_echo_app(backend), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with served(gateway_yaml({"a": server.port}, tmp_path / "access.jsonl")) as port, \
+                aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=COMPLETION) as resp:
+                await resp.content.readexactly(65536)
+                last = -1
+                for _ in range(200):  # poll until the backend's progress stops, with a deadline
+                    if backend.written == last:
+                        break
+                    last = backend.written
+                    await asyncio.sleep(0.05)
+                assert backend.written == last and backend.written < 64 * 1024 * 1024
+                resp.close()
+    finally:
+        await server.close()
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float = 5.0) -> bytes:
