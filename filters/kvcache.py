@@ -129,7 +129,7 @@ class KVCacheFilter(Filter):
             return
         client = self._client("lmcache", self.services.session)  # the request path: the cheap client
         # Background actions get their own breaker: a controller that rejects an action
-        # (real LMCache answers 500 to any compress method but "cachegen") must not take
+        # (real LMCache answers 500 when its workers reject, e.g., a compress method) must not take
         # lookups, and so routing, down with it.
         actions_client = self.actions_client = self._client("lmcache-actions")
         if cfg.instance_map == "query_instance":

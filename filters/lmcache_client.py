@@ -17,6 +17,7 @@ breaker accounting and time budgets follow `kvkernel.resilience`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -138,7 +139,13 @@ def _detail(response: httpx.Response) -> str:
 
 
 class LMCacheClient:
-    """The controller's HTTP API. `http` is injected (pooled, owned by the app)."""
+    """The controller's HTTP API. `http` is injected (pooled, owned by the app).
+
+    Control calls that reach an instance's workers (pin, compress, decompress, clear,
+    evict, move, health) are serialised per instance: the real controller (0.5.6)
+    answers 500 to concurrent calls to one instance (its workers' REP sockets take one
+    message at a time), so one is in flight per instance and the next waits its turn.
+    Lookups and instance queries do not reach workers and are never held up."""
 
     def __init__(self, base_url: str, http: httpx.AsyncClient, *, request_timeout: float = 2.0,
                  retry: RetrySettings = DEFAULT_RETRY, breaker: CircuitBreaker | None = None,
@@ -155,6 +162,18 @@ class LMCacheClient:
         self._http = http
         self._request_timeout = request_timeout
         self._caller = ResilientCaller(self.breaker, retry, sleep)
+        self._instance_locks: dict[str, asyncio.Lock] = {}
+
+    def _serialised(self, instance_id: str) -> asyncio.Lock:
+        """The lock that keeps one control call in flight to `instance_id`."""
+        lock = self._instance_locks.get(instance_id)
+        if lock is None:
+            lock = self._instance_locks[instance_id] = asyncio.Lock()
+        return lock
+
+    async def _control(self, instance_id: str, path: str, body: dict[str, Any]) -> int:
+        async with self._serialised(instance_id):
+            return await self._num_tokens(path, body)
 
     @property
     def retries(self) -> int:
@@ -206,19 +225,19 @@ class LMCacheClient:
 
     async def pin(self, instance_id: str, location: str, tokens: Sequence[int]) -> int:
         body = {"instance_id": instance_id, "location": location, "tokens": list(tokens)}
-        return await self._num_tokens("/pin", body)
+        return await self._control(instance_id, "/pin", body)
 
     async def compress(self, instance_id: str, method: str, location: str,
                        tokens: Sequence[int] | None = None) -> int:
-        return await self._num_tokens("/compress", _codec_body(instance_id, method, location, tokens))
+        return await self._control(instance_id, "/compress", _codec_body(instance_id, method, location, tokens))
 
     async def decompress(self, instance_id: str, method: str, location: str,
                          tokens: Sequence[int] | None = None) -> int:
-        return await self._num_tokens("/decompress", _codec_body(instance_id, method, location, tokens))
+        return await self._control(instance_id, "/decompress", _codec_body(instance_id, method, location, tokens))
 
     async def clear(self, instance_id: str, location: str) -> int:
         """Drop everything `instance_id` holds at `location`."""
-        return await self._num_tokens("/clear", {"instance_id": instance_id, "location": location})
+        return await self._control(instance_id, "/clear", {"instance_id": instance_id, "location": location})
 
     async def move(self, old_position: tuple[str, str], new_position: tuple[str, str],
                    tokens: Sequence[int] | None = None, should_copy: bool = False) -> int:
@@ -227,11 +246,15 @@ class LMCacheClient:
                                 "should_copy": should_copy}
         if tokens is not None:
             body["tokens"] = list(tokens)
-        return await self._num_tokens("/move", body)
+        async with contextlib.AsyncExitStack() as held:
+            for instance in sorted({old_position[0], new_position[0]}):  # a fixed order: no deadlock
+                await held.enter_async_context(self._serialised(instance))
+            return await self._num_tokens("/move", body)
 
     async def health(self, instance_id: str) -> dict[str, int]:
         """worker id -> error code (0 = healthy). An old single `error_code` maps to key "all"."""
-        answer = await self._post("/health", {"instance_id": instance_id})
+        async with self._serialised(instance_id):
+            answer = await self._post("/health", {"instance_id": instance_id})
         codes = answer.get("error_codes")
         if isinstance(codes, Mapping):
             return {str(k): _int(v, f"lmcache /health: error_codes[{k!r}]") for k, v in codes.items()}
@@ -262,7 +285,8 @@ class LMCacheClient:
         `location` of the instance ("cleared"), "skip" does nothing ("skipped")."""
         body = {"instance_id": instance_id, "tokens": list(tokens), "location": location}
         try:
-            await self._post("/evict", body)
+            async with self._serialised(instance_id):
+                await self._post("/evict", body)
         except LMCacheRequestError as exc:
             if exc.status not in (404, 405):
                 raise

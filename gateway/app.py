@@ -15,6 +15,7 @@ from gateway import admin, handlers
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
 from gateway.endpoints import ClusterRegistry, build_cluster
+from gateway.hygiene import quiet_client_errors
 from gateway.kv_feed import KVEventFeed
 from gateway.loop_lag import loop_lag_ctx
 from gateway.metrics import GatewayMetrics, multiprocess_dir
@@ -31,6 +32,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     background health checks (tests drive them by hand); `config_path`: the file a reload
     re-reads (SIGHUP, `POST /admin/reload`). Raises ConfigError."""
     plan = plans if isinstance(plans, GatewayPlan) else plan_gateway(config, plans)
+    quiet_client_errors()
     clusters = [build_cluster(c) for c in config.clusters]
     state = GatewayState(
         config=config,
@@ -39,7 +41,10 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
         metrics=GatewayMetrics(),
         routes=RouteTable(config.routes),
     )
-    app = web.Application(client_max_size=config.server.max_body_bytes, handler_args={"max_field_size": 16384})
+    # lingering_time: after an early answer (408, 413) the unread body is drained for at most 1 s, not 10.
+    handler_args = {"max_field_size": 16384, "keepalive_timeout": config.server.limits.keepalive_timeout,
+                    "lingering_time": 1.0}
+    app = web.Application(client_max_size=config.server.max_body_bytes, handler_args=handler_args)
     app[STATE_KEY] = state
     generations = app[GENERATIONS_KEY] = Generations(state, config_path, monitor_enabled=monitor)
     app.cleanup_ctx.append(_clients(state))

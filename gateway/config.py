@@ -2,8 +2,9 @@
 
 Filter configs are decoded by the filter registry (each filter owns its config
 class); here they stay raw (`FilterSpec.config`). Imports only the leaves
-`kvkernel.decode` and `kvkernel.breaker`, and the route configs of `gateway.routes`
-(itself a leaf).
+`kvkernel.decode` and `kvkernel.breaker`, the route configs of `gateway.routes`
+(itself a leaf), and the config classes of `gateway.outlier` and `gateway.admission`
+(themselves importing only the kernel).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from gateway.admission import LimitsConfig
+from gateway.outlier import OutlierDetectionConfig
 from gateway.routes import RouteConfig, RouteMatch, check_routes  # noqa: F401 - RouteMatch re-exported
 from kvkernel.breaker import CircuitBreakerConfig
 from kvkernel.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
@@ -43,6 +46,8 @@ class ServerConfig:
     background_queue_size: int = 1024
     admin: AdminListenerConfig | None = None  # admin endpoints on their own listener
     admin_key_env: str | None = None  # env var holding the key the admin endpoints require
+    reuse_port: bool = False  # share the port with another gateway already serving it
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         if self.admin is not None and self.admin.port and self.admin.port == self.port \
@@ -91,11 +96,17 @@ class RetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
+    """`connect`: TCP connect. `first_byte`: the response head of a streamed request.
+    `idle`: the longest silence between two chunks of a streamed response. `total`: a
+    whole non-streamed response (head and body), which arrives only after generation."""
+
     connect: Seconds = 1.0
     first_byte: Seconds = 60.0
+    idle: Seconds = 60.0
+    total: Seconds = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "first_byte"):  # aiohttp reads 0 as "no timeout at all"
+        for name in ("connect", "first_byte", "idle", "total"):  # aiohttp reads 0 as "no timeout at all"
             if getattr(self, name) <= 0:
                 raise FieldError(name, "must be > 0")
 
@@ -185,6 +196,8 @@ class ClusterConfig:
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
+    max_inflight_per_endpoint: int | None = None  # beyond it an endpoint is not eligible
     cache_aware: Any = None  # the cache_aware picker's config in the short form (raw)
     metrics_interval: Seconds = 2.0
     forward_client_auth: bool = False  # forward the client's Authorization / x-api-key
@@ -195,6 +208,8 @@ class ClusterConfig:
             raise FieldError("endpoints", "a cluster needs at least one endpoint")
         if self.metrics_interval <= 0:
             raise FieldError("metrics_interval", "must be > 0")
+        if self.max_inflight_per_endpoint is not None and self.max_inflight_per_endpoint < 1:
+            raise FieldError("max_inflight_per_endpoint", f"must be >= 1, got {self.max_inflight_per_endpoint}")
         if self.lb_policy is not None and self.picker is not None:
             raise FieldError("picker", "give either `lb_policy` (short form) or `picker`, not both")
         seen: set[str] = set()

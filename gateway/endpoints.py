@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import ClusterConfig, EndpointConfig
+from gateway.outlier import OutlierState, OutlierTracker
 from kvkernel.breaker import BreakerState, CircuitBreaker
 
 
@@ -24,13 +25,14 @@ class BackendLoad:
 class EndpointStats:
     requests: int = 0
     failures: int = 0
-    ejections: int = 0
+    health_ejections: int = 0  # times failed health checks took it out
 
 
 class Endpoint:
-    """One upstream server. `eligible()` = healthy and its breaker admits calls."""
+    """One upstream server. `eligible()` = healthy, not ejected as an outlier, below its
+    in-flight cap, and its breaker admits calls."""
 
-    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker) -> None:
+    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker, max_inflight: int | None = None) -> None:
         self.config = config
         self.id = config.id
         self.url = config.base_url
@@ -44,6 +46,8 @@ class Endpoint:
         self.load = BackendLoad()
         self.stats = EndpointStats()
         self.health_changed_at = time.monotonic()
+        self.outlier = OutlierState()
+        self.max_inflight = max_inflight
 
     @property
     def kv_cache_usage(self) -> float | None:
@@ -55,29 +59,41 @@ class Endpoint:
         return int(waiting) if waiting is not None else None
 
     def eligible(self) -> bool:
-        return self.healthy and self.breaker.available()
+        return (self.healthy and not self.outlier.ejected() and self.breaker.available()
+                and (self.max_inflight is None or self.inflight < self.max_inflight))
 
     def set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
             self.healthy = healthy
             self.health_changed_at = time.monotonic()
             if not healthy:
-                self.stats.ejections += 1
+                self.stats.health_ejections += 1
 
     def snapshot(self) -> dict[str, object]:
         return {
             "id": self.id, "url": self.url, "kind": self.kind, "healthy": self.healthy,
             "breaker": self.breaker.state.value, "inflight": self.inflight,
             "prefill_backlog": self.prefill_backlog, "requests": self.stats.requests,
-            "failures": self.stats.failures, "ejections": self.stats.ejections,
+            "failures": self.stats.failures, "health_ejections": self.stats.health_ejections,
+            "ejections": self.outlier.ejections, "ejected_until": self._ejected_until(),
             "num_requests_waiting": self.load.num_requests_waiting, "kv_cache_usage": self.load.kv_cache_usage,
         }
+
+    def _ejected_until(self) -> float | None:
+        """Wall-clock (Unix) time the outlier ejection ends, None when not ejected."""
+        remaining = self.outlier.remaining()
+        return round(time.time() + remaining, 3) if remaining is not None else None
 
 
 @dataclass(slots=True)
 class Cluster:
     config: ClusterConfig
     endpoints: list[Endpoint] = field(default_factory=list)
+    outliers: OutlierTracker | None = None
+
+    def __post_init__(self) -> None:
+        if self.outliers is None:
+            self.outliers = OutlierTracker(self.config.outlier_detection, [e.outlier for e in self.endpoints])
 
     @property
     def name(self) -> str:
@@ -88,7 +104,8 @@ class Cluster:
 
 
 def build_cluster(config: ClusterConfig) -> Cluster:
-    endpoints = [Endpoint(ep, config.circuit_breaker.build(f"endpoint:{ep.id}")) for ep in config.endpoints]
+    endpoints = [Endpoint(ep, config.circuit_breaker.build(f"endpoint:{ep.id}"), config.max_inflight_per_endpoint)
+                 for ep in config.endpoints]
     return Cluster(config, endpoints)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from functools import partial
@@ -21,10 +22,13 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
+from gateway.admission import AdmissionGate
 from gateway.endpoints import Cluster, Endpoint
+from gateway.hygiene import TargetError, normalise_target
 from gateway.model_list import list_models
 from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
@@ -105,30 +109,61 @@ class AttemptAccounting:
         self.picker.released(self.ctx, endpoint)
 
 
+def _normalised(request: web.Request) -> tuple[web.Request, LocalReply | None]:
+    """The request with its normalised target (`gateway.hygiene`), or a 400 reply."""
+    try:
+        target = normalise_target(request.raw_path)
+    except TargetError as exc:
+        # The connection is closed after it: the client and the gateway disagree on framing or paths.
+        return request, error_reply(400, str(exc), code="invalid_request_target", headers={"Connection": "close"})
+    if target != request.raw_path:
+        request = request.clone(rel_url=URL(target, encoded=True))
+    return request, None
+
+
 class Exchange:
-    def __init__(self, state: GatewayState, chain: FilterChain, proxy: Proxy) -> None:
+    def __init__(self, state: GatewayState, chain: FilterChain, proxy: Proxy,
+                 gate: AdmissionGate | None = None) -> None:
+        """`gate`: the gateway's admission gate, shared by every config generation."""
         self.state = state
         self.chain = chain
         self.proxy = proxy
+        self.gate = gate if gate is not None else AdmissionGate(state.config.server.limits)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
-        ctx = RequestContext(request_id(request), request.method, request.path, request.headers,
-                             remote=request.remote)
+        request, refused = _normalised(request)
+        ctx = RequestContext(request_id(request), request.method, request.path if refused is None
+                             else request.raw_path[:200], request.headers, remote=request.remote)
         request[CONTEXT_KEY] = ctx
         state.inflight += 1
+        admitted = False
         try:
-            response = await self._serve(request, ctx)
-            ctx.status = response.status
+            admitted = refused is None and await self.gate.enter()
+            if not admitted:
+                refused = refused or self._overloaded()
+                response: web.StreamResponse = await self._send(ctx, refused)
+            else:
+                response = await self._serve(request, ctx)
+            if ctx.status is None:  # a relay that broke mid-way has recorded its failure status
+                ctx.status = response.status
             return response
         except asyncio.CancelledError:
             ctx.error = ctx.error or "cancelled (client gone or shutdown)"
             raise
         finally:
+            if admitted:
+                self.gate.leave()
             state.inflight -= 1
             ctx.latency_ms = ctx.elapsed_ms()
             state.metrics.observe(ctx)
             await self.chain.on_complete(ctx)
+
+    def _overloaded(self) -> LocalReply:
+        limits = self.state.config.server.limits
+        return error_reply(503, f"gateway overloaded: {limits.max_inflight} requests in flight and the wait "
+                           f"queue full or its {limits.queue_timeout:g}s timeout passed", code="overloaded",
+                           headers={"Retry-After": str(max(1, math.ceil(limits.queue_timeout)))})
 
     async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         cluster, reply = await self._admit(request, ctx)
@@ -150,9 +185,16 @@ class Exchange:
     def _plan(self, cluster: Cluster, ctx: RequestContext) -> ForwardPlan:
         picker = self.state.pickers[cluster.name]
         attempt = AttemptAccounting(picker, self.state.prefix_index, ctx)
-        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self.chain.on_response, ctx),
+        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self._on_head, ctx),
                            partial(predicted_uncached, ctx), attempt.dispatched, attempt.first_byte,
                            attempt.released)
+
+    async def _on_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        """`on_response`; a draining gateway also asks the client to close the connection,
+        so no request is sent on a connection the shutdown is about to close."""
+        await self.chain.on_response(ctx, head)
+        if self.state.draining:
+            head.headers["Connection"] = "close"
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> tuple[Cluster | None, LocalReply | None]:
         """Body, route and draining checks: the cluster, or the gateway's own reply. The route
@@ -206,7 +248,11 @@ class Exchange:
         if not request.body_exists:
             return None
         try:
-            ctx.body = await request.read()
+            async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+                ctx.body = await request.read()
+        except TimeoutError:
+            return error_reply(408, "request body not received in time", code="body_timeout",
+                               headers={"Connection": "close"})
         except web.HTTPRequestEntityTooLarge:
             return error_reply(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
@@ -249,6 +295,8 @@ class Exchange:
         ctx.bytes_out = len(body)
         response = web.Response(status=head.status, body=body, headers=head.headers)
         response.content_type = "application/json"
+        if self.state.draining or head.headers.get("Connection", "").lower() == "close":
+            response.force_close()  # the header alone leaves aiohttp's side of the connection open
         return response
 
     async def _models(self, request: web.Request) -> LocalReply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.admission import AdmissionGate
 from gateway.metrics import render
 from gateway.reload import GENERATIONS_KEY
 from gateway.state import STATE_KEY, GatewayState
@@ -41,6 +42,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "inflight": state.inflight,
         "draining": state.draining,
+        "admission": gate.stats() if (gate := request.app[GENERATIONS_KEY].gate) is not None else None,
         "endpoints": [e.snapshot() for e in state.clusters.all_endpoints()],
         "pickers": {name: {"type": p.type_name, "state": p.status()} for name, p in state.pickers.items()},
         "prefix_index": state.prefix_index.stats(),
@@ -51,8 +53,11 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-def refresh_gauges(state: GatewayState) -> None:
+def refresh_gauges(state: GatewayState, gate: AdmissionGate | None = None) -> None:
     """Copy live state into the gauges (on scrape; each second too with several workers)."""
+    if gate is not None:
+        state.metrics.admission_queued.set(gate.queued)
+        state.metrics.admission_rejected.set(gate.rejected)
     state.metrics.refresh_endpoints(state.clusters)
     state.metrics.refresh_pickers(state.pickers)
     state.metrics.refresh_loop_lag(state.loop_lag)
@@ -62,6 +67,6 @@ def refresh_gauges(state: GatewayState) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    refresh_gauges(state)
+    refresh_gauges(state, request.app[GENERATIONS_KEY].gate)
     body = render(state.metrics.registry)  # every worker's, with server.workers > 1
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

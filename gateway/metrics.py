@@ -83,6 +83,16 @@ class GatewayMetrics:
                              ["endpoint"], registry=r, multiprocess_mode="livemin")
         self.breaker = Gauge("kvgate_endpoint_breaker_state", "0 closed, 1 half-open, 2 open",
                              ["endpoint"], registry=r, multiprocess_mode="livemax")
+        self.ejected = Gauge("kvgate_endpoint_ejected", "1 while outlier detection ejects the endpoint",
+                             ["endpoint"], registry=r, multiprocess_mode="livemax")
+        self.ejections = Counter("kvgate_endpoint_ejections", "Outlier ejections of the endpoint",
+                                 ["endpoint"], registry=r)
+        self._ejections_seen: dict[str, int] = {}
+        self.admission_queued = Gauge("kvgate_admission_queued", "Requests waiting for an in-flight slot",
+                                      registry=r, multiprocess_mode="livesum")
+        self.admission_rejected = Gauge("kvgate_admission_rejected", "Requests refused by admission control "
+                                        "(queue full or queue_timeout) since start", registry=r,
+                                        multiprocess_mode="livesum")
         # Each worker learns on its own traffic: one series per worker (a `pid` label).
         self.picker_learned = Gauge("kvgate_picker_learned", "What a picker learned per endpoint (see `name`): "
                                     "prefill_rate_tokens_per_second, overhead_seconds, queue_seconds, "
@@ -145,3 +155,7 @@ class GatewayMetrics:
             self.inflight.labels(ep.id).set(ep.inflight)
             self.healthy.labels(ep.id).set(1 if ep.healthy else 0)
             self.breaker.labels(ep.id).set(_BREAKER_VALUE[ep.breaker.state])
+            self.ejected.labels(ep.id).set(1 if ep.outlier.ejected() else 0)
+            seen = self._ejections_seen.get(ep.id, 0)
+            self.ejections.labels(ep.id).inc(ep.outlier.ejections - seen)
+            self._ejections_seen[ep.id] = ep.outlier.ejections

@@ -3,14 +3,16 @@ and streams the answer back unbuffered. It knows nothing of the filter chain: th
 exchange hands it a `ForwardPlan` (how to choose the next endpoint, what to call
 with the response head before a byte is sent, the predicted prefill per endpoint).
 
-Retries and fail-over happen only before the first byte reached the client:
-connect errors, timeouts before the response head, and 502/503/504 answers.
-A 4xx is never a backend failure; 429/503 are backpressure, not breakage, so
-they do not count against the endpoint's circuit breaker.
+Retries and fail-over happen only before the first byte reached the client (see
+`gateway.attempts` for what each failure means: retried or not, breaker or not,
+outlier detection). A 4xx is never a backend failure; 429/503 are backpressure.
+After the head was sent nothing is retried: a broken stream ends with an SSE
+error event and the request is recorded as failed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -22,7 +24,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.attempts import (
+    BREAKER_STATUSES,
+    Verdict,
+    charge,
+    judge,
+    no_endpoint_reply,
+    sse_error_event,
+    verdict_of_error,
+    verdict_of_status,
+)
 from gateway.endpoints import Cluster, Endpoint
+from gateway.outlier import Outcome, outcome_of_status
 from gateway.upstream_auth import apply_upstream_auth
 from gateway.usage import stripper_for
 from kvkernel.context import RequestContext
@@ -34,8 +47,6 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
 })
-RETRY_STATUSES = frozenset({502, 503, 504})
-BREAKER_STATUSES = frozenset({502, 504})
 # Request bodies in these encodings were already decoded by aiohttp's server parser.
 DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 _TAIL_BYTES = 16384
@@ -62,9 +73,15 @@ def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def client_timeout(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
-    """Upstream timeouts (immutable, so shared by every request with the same config)."""
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
+def client_timeout(connect: float) -> aiohttp.ClientTimeout:
+    """aiohttp's part of the upstream timeouts: connect only (immutable, so shared). The
+    head and body deadlines are the proxy's own (`asyncio.timeout_at`)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None)
+
+
+def is_streamed(ctx: RequestContext) -> bool:
+    """Did the client ask for a stream (`"stream": true`)?"""
+    return ctx.stream or (ctx.json is not None and ctx.json.get("stream") is True)
 
 
 def forward_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
@@ -127,10 +144,9 @@ class _CoalescedHeadResponse(web.StreamResponse):
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, status: int, message: str, code: str, stale: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-        self.stale = stale  # the connection closed before any answer: a fresh one may work
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.message)
+        self.verdict = verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +173,10 @@ class Proxy:
         """The relayed response, or a local error reply when no attempt got through."""
         cluster = plan.cluster
         tried: set[str] = set()
-        last: UpstreamFailure | None = None
+        last: Verdict | None = None
         attempts = cluster.config.retry.max_attempts
         stale: Endpoint | None = None
+        streamed = is_streamed(ctx)
         while ctx.attempts < attempts:
             endpoint = plan.choose(tried)
             if endpoint is None and stale is not None and stale.eligible():
@@ -170,46 +187,45 @@ class Proxy:
             ctx.attempts += 1
             ctx.endpoint = endpoint.id
             try:
-                return await self._attempt(request, ctx, plan, endpoint, final=ctx.attempts >= attempts)
+                return await self._attempt(request, ctx, plan, endpoint, ctx.attempts >= attempts, streamed)
             except UpstreamFailure as failure:
-                last = failure
-                if failure.stale and ctx.attempts == 1:
+                last = failure.verdict
+                if last.stale and ctx.attempts == 1:
                     stale = endpoint
-        if last is None:
-            last = UpstreamFailure(503, f"no healthy endpoint in cluster '{cluster.name}'", "no_healthy_endpoint")
-        return error_reply(last.status, last.message, code=last.code)
+                if not last.retry:
+                    break
+        return no_endpoint_reply(cluster) if last is None else error_reply(last.status, last.message, code=last.code)
 
     async def _attempt(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan,
-                       endpoint: Endpoint, final: bool) -> web.StreamResponse:
+                       endpoint: Endpoint, final: bool, streamed: bool) -> web.StreamResponse:
         timeouts = plan.cluster.config.timeouts
-        timeout = client_timeout(timeouts.connect, timeouts.first_byte)
+        loop = asyncio.get_running_loop()
+        # A non-streamed answer comes only after the whole generation: `total` bounds it,
+        # head and body. A stream's head is bounded by `first_byte`, each later chunk by `idle`.
+        deadline = loop.time() + (timeouts.first_byte if streamed else timeouts.total)
+        next_chunk_by = (lambda: loop.time() + timeouts.idle) if streamed else (lambda: deadline)
         backlog = PrefillBacklog(endpoint, plan.uncached(endpoint))
         endpoint.inflight += 1
         endpoint.stats.requests += 1
         plan.on_dispatch(endpoint)
         try:
             try:
-                upstream = await self.session.request(
-                    request.method, URL(endpoint.url + request.raw_path, encoded=True), data=ctx.body or None,
-                    headers=apply_upstream_auth(forward_headers(request, ctx.request_id), plan.cluster.config),
-                    timeout=timeout,
-                    allow_redirects=False,
-                )
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,
-                    TimeoutError) as exc:
-                self._fail(endpoint, counts=True)
-                kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-                status = 504 if isinstance(exc, TimeoutError) else 502
-                raise UpstreamFailure(status, f"upstream {endpoint.id} failed: {kind}", "upstream_unavailable",
-                                      stale=isinstance(exc, aiohttp.ServerDisconnectedError)) from None
+                async with asyncio.timeout_at(deadline):
+                    upstream = await self.session.request(
+                        request.method, URL(endpoint.url + request.raw_path, encoded=True), data=ctx.body or None,
+                        headers=apply_upstream_auth(forward_headers(request, ctx.request_id), plan.cluster.config),
+                        timeout=client_timeout(timeouts.connect), allow_redirects=False,
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._failed(ctx, plan, endpoint, verdict_of_error(exc, endpoint.id, request.method)) from None
             async with upstream:
-                if upstream.status in RETRY_STATUSES and not final:
-                    self._fail(endpoint, counts=upstream.status in BREAKER_STATUSES)
-                    raise UpstreamFailure(upstream.status, f"upstream {endpoint.id} answered {upstream.status}",
-                                          "upstream_error")
+                verdict = verdict_of_status(upstream.status, endpoint.id)
+                if verdict is not None and not final:
+                    raise self._failed(ctx, plan, endpoint, verdict)
                 if upstream.status in BREAKER_STATUSES:
-                    self._fail(endpoint, counts=True)
-                return await self._relay(request, ctx, plan, endpoint, upstream, backlog)
+                    charge(endpoint, counts=True)
+                judge(ctx, plan.cluster, endpoint, outcome_of_status(upstream.status))
+                return await self._relay(request, ctx, plan, endpoint, upstream, backlog, next_chunk_by)
         except UpstreamFailure:
             raise
         except BaseException:  # client gone (cancelled, reset before the head): no verdict on the endpoint
@@ -221,15 +237,15 @@ class Proxy:
             plan.on_release(endpoint)
 
     @staticmethod
-    def _fail(endpoint: Endpoint, counts: bool) -> None:
-        endpoint.stats.failures += 1
-        if counts:
-            endpoint.breaker.record_failure()
-        else:
-            endpoint.breaker.release()
+    def _failed(ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint, verdict: Verdict) -> UpstreamFailure:
+        """Account a failed attempt (stats, breaker, outlier detection)."""
+        charge(endpoint, counts=verdict.breaker)
+        judge(ctx, plan.cluster, endpoint, verdict.outcome)
+        return UpstreamFailure(verdict)
 
     async def _relay(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
-                     upstream: aiohttp.ClientResponse, backlog: PrefillBacklog) -> web.StreamResponse:
+                     upstream: aiohttp.ClientResponse, backlog: PrefillBacklog,
+                     next_chunk_by: Callable[[], float]) -> web.StreamResponse:
         headers = response_headers(upstream)
         headers["x-request-id"] = ctx.request_id
         if self.debug_headers:
@@ -242,13 +258,19 @@ class Proxy:
         response = response_class(status=upstream.status, reason=upstream.reason, headers=head.headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
+        if head.headers.get("Connection", "").lower() == "close":  # set by the exchange when draining
+            response.force_close()
         ctx.status = upstream.status
         await response.prepare(request)
         tail = b""
         # Set when the gateway asked for usage the client did not: drops the extra chunk.
         strip = stripper_for(ctx, upstream.status, upstream.content_type, upstream.content_length)
         try:
-            async for chunk in upstream.content.iter_any():
+            while True:
+                async with asyncio.timeout_at(next_chunk_by()):
+                    chunk = await upstream.content.readany()
+                if not chunk:
+                    break
                 if ctx.ttfb_ms is None:
                     ctx.ttfb_ms = ctx.elapsed_ms()
                     backlog.release()  # the first byte means prefill is done
@@ -268,12 +290,30 @@ class Proxy:
             endpoint.breaker.release()
             ctx.error = f"client disconnected: {type(exc).__name__}"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            # The head is already sent: no retry is possible; cut the response short.
-            ctx.error = f"upstream {endpoint.id} broke mid-response: {type(exc).__name__}"
-            self._fail(endpoint, counts=True)
-            if request.transport is not None:
-                request.transport.close()
+            await self._broken(request, ctx, plan, endpoint, upstream, response, exc)
         parse_usage(tail, ctx)
         return response
 
-
+    async def _broken(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
+                      upstream: aiohttp.ClientResponse, response: web.StreamResponse, exc: BaseException) -> None:
+        """The upstream broke (or went silent) after the head was sent: no retry is possible.
+        A stream ends with an OpenAI-shaped SSE error event; any other body is cut short.
+        Recorded as failed: 504 for a timeout, 502 otherwise."""
+        timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientConnectionError)
+        ctx.status = 504 if timed_out else 502
+        what = "went silent" if timed_out else "broke"
+        ctx.error = f"upstream {endpoint.id} {what} mid-response: {type(exc).__name__}"
+        if timed_out:  # slow is not broken: the breaker and outlier detection do not count it
+            endpoint.breaker.release()
+        else:
+            charge(endpoint, counts=True)
+            judge(ctx, plan.cluster, endpoint, Outcome.GATEWAY_FAILURE)
+        if upstream.content_type == "text/event-stream":
+            try:
+                await response.write(sse_error_event(ctx.status, ctx.error, timed_out))
+                await response.write_eof()
+                return
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                pass
+        if request.transport is not None:
+            request.transport.close()

@@ -36,6 +36,7 @@ from aiohttp import web
 
 from filters.base import Filter, Services
 from filters.runner import FilterChain
+from gateway.admission import AdmissionGate
 from gateway.config import ClusterConfig, GatewayConfig, load_config
 from gateway.endpoints import Cluster, ClusterRegistry, Endpoint, build_cluster
 from gateway.exchange import Exchange
@@ -80,6 +81,7 @@ class Generations:
     current: Generation | None = None
     retired: list[Generation] = field(default_factory=list)
     monitor: EndpointMonitor | None = None
+    gate: AdmissionGate | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -107,7 +109,9 @@ class Generations:
         view = dataclasses.replace(root, config=config, clusters=clusters, pickers=pickers, routes=routes,
                                    inflight=0, draining=root.draining)
         assert root.session is not None
-        exchange = Exchange(view, chain, Proxy(root.session, config.server.debug_headers))
+        if self.gate is None:  # one gate for the process: in-flight counts span reloads
+            self.gate = AdmissionGate(config.server.limits)
+        exchange = Exchange(view, chain, Proxy(root.session, config.server.debug_headers), self.gate)
         return Generation(number, plan, view, chain, exchange)
 
     def acquire(self) -> Generation:

@@ -28,6 +28,7 @@ from filters.registry import FilterPlan
 from gateway.admin import create_admin_app
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
+from gateway.listen import GuardedSite, port_in_use
 from gateway.metrics import enable_multiprocess
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.reload import GENERATIONS_KEY, ReloadError
@@ -73,7 +74,7 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout,
                            handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
+    site = GuardedSite(runner, server.limits, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
     try:
         await site.start()
     except OSError:  # e.g. the port is taken: close what setup opened, report in one line
@@ -216,8 +217,13 @@ def main(argv: Sequence[str]) -> int:
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, port=args.port))
+    server = config.server
+    if not server.reuse_port and port_in_use(server.host, server.port):
+        print(f"kvgate: {server.host}:{server.port} is already served by another process "
+              "(set server.reuse_port: true to share it)", file=sys.stderr)
+        return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    if config.server.workers > 1:
+    if server.workers > 1:
         return _serve_workers(config, plans, args.config)
-    _run(config, plans, reuse_port=False, config_path=args.config)
+    _run(config, plans, reuse_port=server.reuse_port, config_path=args.config)
     return 0

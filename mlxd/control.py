@@ -5,7 +5,8 @@ engine thread (the cache's only owner). A location other than the daemon's holds
 nothing, so operations on it affect 0 tokens. Compress/decompress without tokens
 (or with an empty list, which is how the controller forwards an omitted field)
 act on every entry. Compression methods: "zstd" (ours)
-and "cachegen" (the only one real LMCache forwards; handled as zstd here).
+and "cachegen" (handled as zstd here). The real controller forwards any method: the
+worker checks it, as this one does.
 """
 
 from __future__ import annotations

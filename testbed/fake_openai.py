@@ -55,7 +55,13 @@ def completion_body(fake: FakeBackend, chat: bool, prompt_tokens: int) -> dict[s
 
 async def generate(request: web.Request) -> web.StreamResponse:
     fake = request.app[FAKE_KEY]
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):  # as vLLM: a client error, not a server one
+        return web.json_response({"error": {"message": "body must be a JSON object", "type": "BadRequestError",
+                                             "param": None, "code": 400}}, status=400)
     fake.requests.append(body)
     fake.seen_headers.append(dict(request.headers))
     if fake.first_byte_delay:

@@ -38,6 +38,21 @@ async def test_lookup_hit_maps_instances_to_cluster_endpoints(make_rig: Any) -> 
     assert rig.metric("kvgate_kvcache_lookup_seconds_count", {"outcome": "hit"}) == 1
 
 
+async def test_controller_token_counts_are_bounded_by_the_prompt(make_rig: Any) -> None:
+    """A controller's numbers are not trusted beyond what the request holds: a huge count
+    never becomes a prediction bigger than the prompt; a negative one makes the answer
+    malformed (a failed lookup, no hint from it)."""
+    rig = await make_rig({"lmcache_endpoint": CTL})
+    route = rig.router.post("/lookup").mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", 10**12)}))
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert ctx[CACHE_HINTS].matched_tokens == {"a": len(PROMPT)}
+    route.mock(return_value=layout(**{"inst-a": ("LocalCPUBackend", -5)}))
+    ctx = ctx_for()
+    await rig.filter.on_request(ctx)
+    assert "a" not in ctx[CACHE_HINTS].matched_tokens
+
+
 async def test_identity_mode_ignores_lmcache_instance_id(make_rig: Any) -> None:
     rig = await make_rig({"lmcache_endpoint": CTL, "instance_map": "identity"})
     rig.router.post("/lookup").mock(return_value=layout(a=("LocalCPUBackend", 256), **{"inst-a": ("x", 768)}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,22 @@ async def start_gateway(yaml_text: str, monitor: bool = True) -> TestServer:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
+
+
+@asynccontextmanager
+async def fake_stack(tmp_path: Path, n: int = 2, cluster: str = "", timeouts: str = "") -> AsyncIterator[Stack]:
+    """`n` fake backends a, b, ... behind a round-robin gateway; `cluster` is appended to the
+    cluster's YAML, `timeouts` replaces its timeouts mapping."""
+    fakes = {chr(ord("a") + i): FakeBackend(chr(ord("a") + i)) for i in range(n)}
+    servers = {eid: await start_backend(f) for eid, f in fakes.items()}
+    log_path = tmp_path / "access.jsonl"
+    text = gateway_yaml({e: s.port for e, s in servers.items()}, log_path, lb_policy="round_robin", cluster=cluster)
+    if timeouts:
+        text = text.replace("timeouts: {connect: 500ms, first_byte: 5s}", f"timeouts: {{{timeouts}}}")
+    gw = await start_gateway(text)
+    try:
+        yield Stack(gw, fakes, servers, log_path)
+    finally:
+        await gw.close()
+        for server in servers.values():
+            await server.close()

@@ -43,6 +43,20 @@ def test_valid_config_decodes_units_and_defaults() -> None:
     assert cluster.endpoints[1].lmcache_instance_id == "vllm-instance-1"
 
 
+def test_hardening_defaults() -> None:
+    """Defaults of the timeouts, outlier detection and limits (docs/operations.md)."""
+    config = load_config_text(VALID)
+    cluster, limits = config.cluster("llm"), config.server.limits
+    assert (cluster.timeouts.idle, cluster.timeouts.total) == (60.0, 600.0)
+    od = cluster.outlier_detection
+    assert (od.consecutive_5xx, od.consecutive_gateway_failure, od.base_ejection_time, od.max_ejection_time,
+            od.max_ejection_percent) == (5, 5, 30.0, 300.0, 50)
+    assert cluster.max_inflight_per_endpoint is None and config.server.reuse_port is False
+    assert (limits.max_connections, limits.max_inflight, limits.max_queue, limits.queue_timeout) == \
+        (4096, None, 1024, 10.0)
+    assert (limits.header_timeout, limits.body_timeout, limits.keepalive_timeout) == (10.0, 60.0, 75.0)
+
+
 @pytest.mark.parametrize("value,seconds", [("50ms", 0.05), ("2s", 2.0), ("5m", 300.0), ("1h", 3600.0),
                                            ("100us", 1e-4), (3, 3.0), (0.5, 0.5)])
 def test_durations(value: object, seconds: float) -> None:
@@ -68,6 +82,20 @@ def test_sizes(value: object, size: int) -> None:
     ("config: {path: logs/access.jsonl}", "config: {path: logs/a.jsonl, rotate: true}",
      "filters[1](access-log).config.rotate"),
     ("- type: prompt", "- type: promptz", "filters[0].type"),
+    ("connect: 250ms", "connect: 250ms, idle: 0s", "clusters[0].timeouts.idle"),
+    ("connect: 250ms", "connect: 250ms, total: -1s", "clusters[0].timeouts.total"),
+    ("retry: {max_attempts: 2}", "retry: {max_attempts: 2}\n    outlier_detection: {consecutive_5xx: 0}",
+     "clusters[0].outlier_detection.consecutive_5xx"),
+    ("retry: {max_attempts: 2}", "retry: {max_attempts: 2}\n    outlier_detection: {max_ejection_percent: 101}",
+     "clusters[0].outlier_detection.max_ejection_percent"),
+    ("retry: {max_attempts: 2}", "retry: {max_attempts: 2}\n    outlier_detection: {base_ejection_time: 1m, "
+     "max_ejection_time: 30s}", "clusters[0].outlier_detection.max_ejection_time"),
+    ("retry: {max_attempts: 2}", "retry: {max_attempts: 2}\n    max_inflight_per_endpoint: 0",
+     "clusters[0].max_inflight_per_endpoint"),
+    ("max_body_bytes: 8MiB", "max_body_bytes: 8MiB, limits: {max_inflight: 0}", "server.limits.max_inflight"),
+    ("max_body_bytes: 8MiB", "max_body_bytes: 8MiB, limits: {header_timeout: 0s}", "server.limits.header_timeout"),
+    ("max_body_bytes: 8MiB", "max_body_bytes: 8MiB, limits: {slowloris: 1}", "server.limits.slowloris"),
+    ("max_body_bytes: 8MiB", "max_body_bytes: 8MiB, reuse_port: maybe", "server.reuse_port"),
     ("lb_policy: round_robin", "lb_policy: cache_aware\n    cache_aware: {load_weight: -1}",
      "clusters[0].cache_aware.load_weight"),
     ("lb_policy: round_robin", "lb_policy: cache_aware\n    cache_aware: {cache_weight: .nan}",
