@@ -219,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
         config = replace(config, server=replace(config.server, port=args.port))
     server = config.server
     if not server.reuse_port and port_in_use(server.host, server.port):
-        print(f"kvgate: {server.host}:{server.port} is already served by another process "
+        print(f"kvgate serve: {server.host}:{server.port} is already served by another process "
               "(set server.reuse_port: true to share it)", file=sys.stderr)
         return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

@@ -5,6 +5,7 @@ keep-alive), the in-flight queue, per-endpoint caps and 429 backpressure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -105,6 +106,12 @@ async def test_a_client_that_stops_reading_stalls_the_backend_through_the_guard(
         await server.close()
 
 
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def closed_by_server(reader: asyncio.StreamReader, within: float = 5.0) -> bytes:
     """Everything the server sends until it closes the connection (fails if it does not)."""
     return await asyncio.wait_for(reader.read(), within)
@@ -118,8 +125,8 @@ async def test_connections_beyond_the_cap_get_a_503_and_are_closed(tmp_path: Pat
         assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
         for _, w in held:
-            w.close()
-        writer.close()
+            await close(w)
+        await close(writer)
         async with aiohttp.ClientSession() as session:  # freed slots serve again
             await wait_until(lambda: _get_ok(session, port), message="a freed connection slot")
 
@@ -137,9 +144,11 @@ async def test_slowloris_heads_and_idle_connections_are_closed(tmp_path: Path) -
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         assert await closed_by_server(reader) == b""
+        await close(writer)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = await closed_by_server(reader)  # answered, then closed once idle
+        await close(writer)
         assert answer.startswith(b"HTTP/1.1 200")
 
 
@@ -149,6 +158,7 @@ async def test_a_trickled_body_gets_a_408_and_the_connection_closes(tmp_path: Pa
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\":")
         answer = await closed_by_server(reader)
+        await close(writer)
         assert answer.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in answer
         assert fake.requests == []
 

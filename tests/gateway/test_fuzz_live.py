@@ -55,6 +55,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     yield port.result(timeout=10)
     loop.call_soon_threadsafe(stop.set)
     thread.join(10)
+    loop.close()  # its self-pipe sockets, else a ResourceWarning in a later test
 
 
 def exchange(port: int, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:

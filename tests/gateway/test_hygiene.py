@@ -6,6 +6,7 @@ and a second gateway refuses a port already served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -54,6 +55,8 @@ async def raw_request(port: int, target: str, method: str = "POST", body: bytes 
     data = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
     closed = await asyncio.wait_for(reader.read(1), 5) == b""
     writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
     return status, headers, data, closed
 
 
@@ -86,6 +89,7 @@ async def test_a_malformed_request_logs_one_line_without_traceback(tmp_path: Pat
         writer.write(b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.")
         writer.close()
+        await writer.wait_closed()
         records = [r for r in caplog.records if r.name == "aiohttp.server"]
         assert records and all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
 
