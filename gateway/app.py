@@ -14,6 +14,7 @@ from filters.runner import FilterChain
 from gateway import handlers
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
+from gateway.dashboard import dashboard
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.exchange import Exchange
 from gateway.kv_feed import KVEventFeed
@@ -50,6 +51,7 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/kvgate/status", handlers.status)
+    app.router.add_get("/dashboard", dashboard)
     app.router.add_route("*", "/{tail:.*}", handlers.proxy_handler)
     return app
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.endpoints import ClusterRegistry
 from gateway.pickers.base import Picker
+from gateway.recent import RecentRequests
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
 
@@ -20,6 +21,7 @@ _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 @dataclass
 class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    recent: RecentRequests = field(default_factory=RecentRequests)  # the live /dashboard's requests
 
     def __post_init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -51,7 +53,8 @@ class GatewayMetrics:
         return found
 
     def observe(self, ctx: RequestContext) -> None:
-        """Count one finished request."""
+        """Count one finished request (and keep its summary for the dashboard)."""
+        self.recent.add(ctx)
         cluster = ctx.cluster or "-"
         self.child(self.requests, cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
         if ctx.latency_ms is not None:

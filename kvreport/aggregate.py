@@ -105,7 +105,9 @@ class Aggregator:
         self._second: tuple[str, float] = ("", 0.0)
 
     def epoch(self, stamp: Any) -> float | None:
-        """Seconds since the epoch of an access-log time (`2026-12-02T13:03:21.432Z`)."""
+        """Seconds since the epoch of an access-log time (`2026-12-02T13:03:21.432Z`, or a number)."""
+        if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+            return float(stamp)
         if not isinstance(stamp, str) or len(stamp) < 19:
             return None
         head = stamp[:19]

@@ -121,6 +121,18 @@ def breakdowns(agg: Aggregator) -> list[str]:
     ]
 
 
+def _page(title: str, body: Sequence[str], head: str = "") -> str:
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{head}<title>{escape(title)}</title>"
+            f"<script>{_ERRORS_JS}</script><style>{_CSS}</style></head><body>" + "\n".join(body))
+
+
+def dashboard_page(agg: Aggregator, live_html: str) -> str:
+    """The gateway's live `/dashboard`: `live_html` (trusted, already escaped) above the report's charts."""
+    body = ["<h1>kvgate live dashboard</h1>", live_html, "<h2>Recent requests over time</h2>",
+            *time_series(agg), *breakdowns(agg)]
+    return _page("kvgate dashboard", body, '<meta http-equiv="refresh" content="5">') + "</body></html>\n"
+
+
 def render(agg: Aggregator, read: ReadStats, sources: Sequence[str]) -> str:
     tot = totals(agg, read)
     tok = tot["tokens"]
@@ -140,6 +152,4 @@ def render(agg: Aggregator, read: ReadStats, sources: Sequence[str]) -> str:
                                                for k, v in summary) + "</table>",
             "<h2>Over time</h2>", *time_series(agg), *breakdowns(agg)]
     data = json.dumps(tot, sort_keys=True).replace("</", "<\\/")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>kvgate ops report</title>"
-            f"<script>{_ERRORS_JS}</script><style>{_CSS}</style></head><body>" + "\n".join(body)
-            + f'<script type="application/json" id="kvreport-totals">{data}</script></body></html>\n')
+    return (_page("kvgate ops report", body) + f'<script type="application/json" id="kvreport-totals">{data}</script></body></html>\n')

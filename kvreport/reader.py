@@ -30,7 +30,7 @@ def open_text(path: Path) -> tuple[IO[str], IO[bytes]]:
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
     magic = raw.read(4)
     raw.seek(0)
-    binary: IO[bytes]
+    binary: Any
     if magic[:2] == b"\x1f\x8b":
         binary = gzip.GzipFile(fileobj=raw)
     elif magic == b"\x28\xb5\x2f\xfd":

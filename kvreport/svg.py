@@ -53,11 +53,11 @@ def line_chart(chart_id: str, title: str, xs: Sequence[float], series: Mapping[s
     for n, (name, ys) in enumerate(series.items()):
         colour = COLOURS[n % len(COLOURS)]
         segments: list[list[str]] = [[]]
-        for x, y in zip(xs, ys, strict=True):
-            if y is None:
+        for x, value in zip(xs, ys, strict=True):
+            if value is None:
                 segments.append([])
             else:
-                segments[-1].append(f"{px(x):.1f},{py(y):.1f}")
+                segments[-1].append(f"{px(x):.1f},{py(value):.1f}")
         for seg in segments:
             if len(seg) == 1:
                 cx, cy = seg[0].split(",")
