@@ -27,6 +27,7 @@ class ServerConfig:
     debug_headers: bool = False
     drain_timeout: Seconds = 30.0
     background_queue_size: int = 1024
+    log_format: Literal["text", "json"] = "text"  # application logs; `kvgate serve --log-format` overrides
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
