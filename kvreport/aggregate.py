@@ -91,8 +91,9 @@ def is_silent_miss(r: dict[str, Any]) -> bool:
 
 class Aggregator:
     def __init__(self, max_buckets: int = 600, top_prefixes: int = 1000) -> None:
+        """Buckets start at 1/8 s (a short test run still draws a curve) and double as the log's span grows."""
         self.max_buckets = max_buckets
-        self.width = 1  # seconds per bucket; doubles as needed
+        self.width = 0.125  # seconds per bucket (a power of two, so doubling keeps edges); doubles as needed
         self.buckets: dict[int, Bucket] = {}
         self.total = Bucket()
         self.untimed = 0

@@ -25,9 +25,11 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}.note{color:#666;font-size:12px}
 .totals td{text-align:left}code{font-size:12px}"""
-# Records errors for headless checks (window.__errors, mirrored in <body data-errors>).
+# For headless checks: errors (window.__errors, mirrored in <body data-errors>) and the charts drawn.
 _ERRORS_JS = """window.__errors=[];addEventListener('error',function(e){window.__errors.push(String(e.message));
-document.body.setAttribute('data-errors',JSON.stringify(window.__errors))});"""
+document.body.setAttribute('data-errors',JSON.stringify(window.__errors))});
+addEventListener('DOMContentLoaded',function(){document.body.setAttribute('data-charts',
+document.querySelectorAll('svg.chart').length)});"""
 
 
 def totals(agg: Aggregator, read: ReadStats) -> dict[str, Any]:

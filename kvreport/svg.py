@@ -21,7 +21,8 @@ def _fmt(v: float) -> str:
 
 
 def _clock(ts: float, span: float) -> str:
-    return time.strftime("%H:%M:%S" if span < 86400 else "%m-%d %H:%M", time.gmtime(ts))
+    clock = time.strftime("%H:%M:%S" if span < 86400 else "%m-%d %H:%M", time.gmtime(ts))
+    return f"{clock}.{int(ts % 1 * 10)}" if span < 10 else clock
 
 
 def line_chart(chart_id: str, title: str, xs: Sequence[float], series: Mapping[str, Sequence[float | None]],
