@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 
 from kvreport.html import CHARTS
+from testbed.fake_openai import FakeBackend
 from tests.gateway.harness import gateway_yaml, start_backend, start_gateway
 from tests.kvreport.browser import check_page, chromium, screenshot
 from tests.kvreport.test_report import embedded_totals, expected_totals
-from testbed.fake_openai import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow,
