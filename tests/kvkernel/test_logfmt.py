@@ -31,3 +31,16 @@ def test_exceptions_are_kept_inside_the_json_line() -> None:
     text = JsonFormatter().format(record)
     assert "\n" not in text and "ValueError: boom" in json.loads(text)["exc"]
     assert iso_millis(0.5) == "1970-01-01T00:00:00.500Z"
+
+
+def test_mlx_serve_takes_log_format(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from mlxd.server import parse_args
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        parse_args(["--model", str(tiny_model_dir), "--log-format", "json"])
+        assert [type(h.formatter) for h in root.handlers] == [JsonFormatter]
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
