@@ -7,8 +7,8 @@ WORKDIR /app
 
 # Dependencies first so source edits do not reinstall them.
 COPY pyproject.toml ./
-RUN mkdir -p kvkernel kvtok gateway filters kvproto mlxd testbed kvbench \
- && for p in kvkernel kvtok gateway filters kvproto mlxd testbed kvbench; do touch $p/__init__.py; done \
+RUN mkdir -p kvkernel kvtok gateway filters kvproto mlxd testbed kvbench kvreport \
+ && for p in kvkernel kvtok gateway filters kvproto mlxd testbed kvbench kvreport; do touch $p/__init__.py; done \
  && touch README.md \
  && pip install ".[mlx,testbed]" \
  && pip uninstall -y kvgate
@@ -21,6 +21,7 @@ COPY kvproto kvproto
 COPY mlxd mlxd
 COPY testbed testbed
 COPY kvbench kvbench
+COPY kvreport kvreport
 COPY configs configs
 RUN pip install --no-deps -e . && mkdir -p logs
 

@@ -3,6 +3,10 @@
 Prompts are never logged; only `prompt_hash` (a digest of model + prompt). The
 routing fields other filters and the proxy add (tier, preferred and chosen
 endpoint, predicted vs actual cached tokens, candidate scores) are included.
+
+A file log rotates by size (`max_bytes`): `access.jsonl` -> `access.jsonl.1`
+(-> `.1.zst` with `compress: zstd`) ... up to `backups` files. `reopen()` closes
+and reopens the path, for external rotation (logrotate + SIGHUP). Schema: docs/observability.md.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from filters.base import Filter
 from filters.keys import CACHE_HINTS, PROMPT, TOKENS, CacheHints, preferred_endpoint
 from filters.registry import register
 from kvkernel.context import RequestContext
-from kvkernel.decode import FieldError
+from kvkernel.decode import Bytes, FieldError
 
 log = logging.getLogger("kvgate.access_log")
 _NO_HINTS = CacheHints()
@@ -30,10 +35,19 @@ _NO_HINTS = CacheHints()
 class AccessLogConfig:
     path: str = "-"  # "-" = stdout
     include_filter_timings: bool = False
+    max_bytes: Bytes = 0  # rotate when the file would exceed this; 0 = never
+    backups: int = 5  # rotated files kept: path.1 (newest) .. path.N
+    compress: Literal["none", "zstd"] = "none"  # compress rotated files (path.1.zst)
 
     def __post_init__(self) -> None:
         if not self.path:
             raise FieldError("path", "must be a file path or '-' for stdout")
+        if self.max_bytes < 0:
+            raise FieldError("max_bytes", f"must be >= 0, got {self.max_bytes}")
+        if self.backups < 1:
+            raise FieldError("backups", f"must be >= 1, got {self.backups}")
+        if self.max_bytes and self.path == "-":
+            raise FieldError("max_bytes", "stdout cannot be rotated; set a file path")
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
@@ -90,6 +104,17 @@ def access_record(ctx: RequestContext, include_filter_timings: bool = False) -> 
     return record
 
 
+def _compress(path: Path) -> None:
+    """path -> path.zst (written aside, then renamed), then path is removed."""
+    import zstandard
+
+    part = path.with_name(path.name + ".zst.part")
+    with open(path, "rb") as src, open(part, "wb") as dst:
+        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+    part.replace(path.with_name(path.name + ".zst"))
+    path.unlink()
+
+
 @register("access-log")
 class AccessLogFilter(Filter):
     """Lines are written at the end of the event-loop iteration that produced them:
@@ -102,20 +127,58 @@ class AccessLogFilter(Filter):
     _out: IO[str] | None = None
     _pending: list[str] | None = None
 
+    _size = 0
+    _compressing: threading.Thread | None = None
+
     async def start(self) -> None:
         self._pending = []
         if self.config.path == "-":
             self._out = sys.stdout
         else:
-            path = Path(self.config.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = open(path, "a")  # noqa: SIM115, ASYNC230 - once, at startup
+            Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+
+    def _open(self) -> None:
+        self._out = open(self.config.path, "a")  # noqa: SIM115 - owned until close/reopen/rotation
+        self._size = self._out.tell()
+
+    def reopen(self) -> None:
+        """Flush, close and reopen the file (after an external rotation; call it on SIGHUP)."""
+        if self._out is None or self._out is sys.stdout:
+            return
+        self._flush()
+        self._out.close()
+        self._open()
+
+    def _rotate(self) -> None:
+        """path -> path.1 (compressed if asked), path.1 -> path.2, ...; the oldest is dropped."""
+        assert self._out is not None
+        self._out.close()
+        self._wait_compression()
+        suffix = ".zst" if self.config.compress == "zstd" else ""
+        base = self.config.path
+        for n in range(self.config.backups - 1, 0, -1):
+            older = Path(f"{base}.{n}{suffix}")
+            if older.exists():
+                older.replace(f"{base}.{n + 1}{suffix}")
+        Path(base).replace(f"{base}.1")
+        self._open()
+        if suffix:  # compressing takes a while: off the event loop
+            self._compressing = threading.Thread(target=_compress, args=(Path(f"{base}.1"),),
+                                                 name="access-log-zstd")
+            self._compressing.start()
+
+    def _wait_compression(self) -> None:
+        if self._compressing is not None:
+            self._compressing.join()
+            self._compressing = None
 
     async def close(self) -> None:
         self._flush()
         if self._out is not None and self._out is not sys.stdout:
             self._out.close()
         self._out = None
+        self._wait_compression()
 
     async def on_complete(self, ctx: RequestContext) -> None:
         if self._out is None or self._pending is None:
@@ -129,7 +192,11 @@ class AccessLogFilter(Filter):
             return
         lines, self._pending = "".join(self._pending), []
         try:
+            limit = self.config.max_bytes
+            if limit and self._size and self._size + len(lines) > limit:
+                self._rotate()
             self._out.write(lines)
             self._out.flush()
+            self._size += len(lines)
         except OSError:
             log.exception("access log %s: write failed", self.config.path)

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway import handlers
 from gateway.config import ServerConfig
+from gateway.dashboard import dashboard
 from gateway.reload import GENERATIONS_KEY, ReloadError
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -72,6 +73,7 @@ async def reload_handler(request: web.Request) -> web.Response:
 def add_admin_routes(app: web.Application, key: str | None) -> None:
     app.router.add_get("/metrics", guarded(handlers.metrics, key))
     app.router.add_get("/kvgate/status", guarded(handlers.status, key))
+    app.router.add_get("/dashboard", guarded(dashboard, key))
     app.router.add_post("/admin/reload", guarded(reload_handler, key))
 
 
@@ -92,6 +94,7 @@ def mount_on_traffic(app: web.Application, server: ServerConfig) -> None:
         return
     key = admin_key(server)
     if key is None:
-        log.warning("admin endpoints (/metrics, /kvgate/status, /admin/reload) are open on the traffic port: "
+        log.warning("admin endpoints (/metrics, /kvgate/status, /dashboard, /admin/reload) are open on the "
+                    "traffic port: "
                     "set server.admin (a separate listener) or server.admin_key_env")
     add_admin_routes(app, key)

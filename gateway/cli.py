@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("testbed.smoke:main", "run the compose smoke stack (Docker, or local processes)"),
     "demo": ("testbed.demo:main", "start the whole local stack, send a sample workload, summarise routing"),
     "bench": ("kvbench.cli:main", "benchmarks: kvgate bench {overhead,mlx,routing,cache-round}"),
+    "report": ("kvreport.cli:main", "an offline HTML ops report from access logs: kvgate report LOG... -o FILE"),
 }
 
 # The extra that installs each optional command's third-party dependencies.

@@ -48,6 +48,7 @@ class ServerConfig:
     admin_key_env: str | None = None  # env var holding the key the admin endpoints require
     reuse_port: bool = False  # share the port with another gateway already serving it
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log_format: Literal["text", "json"] = "text"  # application logs; `kvgate serve --log-format` overrides
 
     def __post_init__(self) -> None:
         if self.admin is not None and self.admin.port and self.admin.port == self.port \

@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.endpoints import ClusterRegistry
 from gateway.loop_lag import LoopLag
 from gateway.pickers.base import Picker
+from gateway.recent import RecentRequests
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
 
@@ -54,6 +55,7 @@ def render(registry: CollectorRegistry) -> bytes:
 @dataclass
 class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    recent: RecentRequests = field(default_factory=RecentRequests)  # the live /dashboard's requests
 
     def __post_init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -113,7 +115,8 @@ class GatewayMetrics:
         return found
 
     def observe(self, ctx: RequestContext) -> None:
-        """Count one finished request."""
+        """Count one finished request (and keep its summary for the dashboard)."""
+        self.recent.add(ctx)
         cluster = ctx.cluster or "-"
         self.child(self.requests, cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
         if ctx.latency_ms is not None:

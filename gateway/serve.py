@@ -34,6 +34,7 @@ from gateway.plan import GatewayPlan, plan_gateway
 from gateway.reload import GENERATIONS_KEY, ReloadError
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
+from kvkernel.logfmt import add_log_format_arg, configure_logging
 
 log = logging.getLogger("kvgate.serve")
 
@@ -205,14 +206,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--log-level", default=os.environ.get("KVGATE_LOG_LEVEL", "INFO"))
+    add_log_format_arg(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per health check is noise
     try:
         config, plans = load_and_plan(args.config)
     except ConfigError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 1
+    if args.log_format is None and config.server.log_format != "text":
+        configure_logging(args.log_level, config.server.log_format)
     if args.port is not None:
         from dataclasses import replace
 

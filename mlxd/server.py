@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvkernel.logfmt import add_log_format_arg, configure_logging
 from kvproto.kv_events_app import (
     KVEventsConfig,
     KVEventSink,
@@ -166,6 +167,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ServeOptions, str, int]:
                    help="IP the control REP socket binds and the controller dials")
     add_kv_events_args(p)
     p.add_argument("--log-level", default="INFO")
+    add_log_format_arg(p)
     a = p.parse_args(list(argv))
     if a.lmcache_controller and a.lmcache_ports is None:
         p.error("--lmcache-controller needs --lmcache-ports")
@@ -173,7 +175,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ServeOptions, str, int]:
         kv_events = kv_events_config(a, a.host)
     except ValueError as exc:
         p.error(str(exc))
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(a.log_level, a.log_format)
     opts = ServeOptions(a.model, a.id or f"mlx-{a.port}", a.served_model_name, a.max_running,
                         a.max_waiting, a.prefill_step, a.cache_tokens, a.cold_cache_tokens,
                         a.lmcache_controller, a.lmcache_ports, a.lmcache_location, a.lmcache_worker_port,

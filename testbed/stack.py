@@ -75,6 +75,8 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Service]:
     data = yaml.safe_load(path.read_text())
     services: dict[str, Service] = {}
     for name, spec in (data.get("services") or {}).items():
+        if spec.get("profiles"):
+            continue  # optional services (e.g. the monitoring profile) are not part of the stack
         command = spec.get("command")
         if isinstance(command, str):
             command = shlex.split(command)

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("kvkernel", "kvtok", "kvproto", "filters", "gateway", "mlxd", "testbed", "kvbench")
+PROJECT = ("kvkernel", "kvtok", "kvproto", "filters", "gateway", "mlxd", "testbed", "kvbench", "kvreport")
 
 # package -> project packages it must never import
 FORBIDDEN = {
     "kvkernel": set(PROJECT) - {"kvkernel"},
     "kvtok": set(PROJECT) - {"kvtok"},
     "kvproto": set(PROJECT) - {"kvproto"},
-    "filters": {"gateway", "mlxd", "testbed", "kvbench"},
-    "gateway": {"mlxd", "testbed", "kvbench"},
+    "filters": {"gateway", "mlxd", "testbed", "kvbench", "kvreport"},
+    "gateway": {"mlxd", "testbed", "kvbench"},  # kvreport: the live dashboard draws with it
     "mlxd": {"gateway", "filters", "testbed", "kvbench"},
+    "kvreport": set(PROJECT) - {"kvreport"},  # reads logs only: usable without the gateway
 }
 
 

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvkernel.logfmt import add_log_format_arg, configure_logging
 from testbed.mock_lmcache.faults import Faults
 from testbed.mock_lmcache.server import MockConfig, MockServer
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--seed", type=int, default=0, help="seed of the error_rate RNG")
     p.add_argument("--log-level", default="INFO")
+    add_log_format_arg(p)
     return p
 
 
@@ -147,9 +149,7 @@ async def _serve(config: MockConfig) -> int:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ValueError as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvkernel.logfmt import add_log_format_arg, configure_logging
 from kvproto.chunks import CHUNK_SIZE, chunk_keys
 from kvproto.kv_events_app import KVEventSink, add_kv_events_args, kv_events_config, setup_kv_events
 from testbed.sim_vllm.cache import PrefixCache
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats")
     add_kv_events_args(p)
     p.add_argument("--log-level", default="INFO")
+    add_log_format_arg(p)
     return p
 
 
@@ -105,7 +107,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         app = build_app(args)
     except ValueError as exc:

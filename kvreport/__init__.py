@@ -1,0 +1,1 @@
+"""`kvgate report`: an offline HTML ops report from the gateway's JSONL access logs."""
