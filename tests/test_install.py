@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +22,9 @@ from tests.gateway.harness import gateway_yaml, start_backend
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("kvkernel", "kvtok", "kvproto", "filters", "gateway", "mlxd", "testbed", "kvbench")
+# The packages the wheel ships, as pyproject declares them (so this list cannot drift).
+PACKAGES = tuple(p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"]["find"]["include"])
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
