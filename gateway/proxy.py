@@ -37,7 +37,7 @@ from gateway.attempts import (
 from gateway.endpoints import Cluster, Endpoint
 from gateway.outlier import Outcome, outcome_of_status
 from gateway.upstream_auth import apply_upstream_auth
-from gateway.usage import stripper_for
+from gateway.usage import UsageChunkStripper, stripper_for
 from kvkernel.context import RequestContext
 from kvkernel.reply import LocalReply, ResponseHead, error_reply
 
@@ -225,7 +225,7 @@ class Proxy:
                 if upstream.status in BREAKER_STATUSES:
                     charge(endpoint, counts=True)
                 judge(ctx, plan.cluster, endpoint, outcome_of_status(upstream.status))
-                return await self._relay(request, ctx, plan, endpoint, upstream, backlog, next_chunk_by)
+                return await self._relay(request, ctx, plan, endpoint, upstream, backlog, next_chunk_by, streamed)
         except UpstreamFailure:
             raise
         except BaseException:  # client gone (cancelled, reset before the head): no verdict on the endpoint
@@ -245,7 +245,7 @@ class Proxy:
 
     async def _relay(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
                      upstream: aiohttp.ClientResponse, backlog: PrefillBacklog,
-                     next_chunk_by: Callable[[], float]) -> web.StreamResponse:
+                     next_chunk_by: Callable[[], float], streamed: bool) -> web.StreamResponse:
         headers = response_headers(upstream)
         headers["x-request-id"] = ctx.request_id
         if self.debug_headers:
@@ -266,20 +266,12 @@ class Proxy:
         # Set when the gateway asked for usage the client did not: drops the extra chunk.
         strip = stripper_for(ctx, upstream.status, upstream.content_type, upstream.content_length)
         try:
-            while True:
+            if streamed:
+                tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, next_chunk_by)
+            else:
+                # One deadline for the whole body: one timer, not one per chunk (`total`).
                 async with asyncio.timeout_at(next_chunk_by()):
-                    chunk = await upstream.content.readany()
-                if not chunk:
-                    break
-                if ctx.ttfb_ms is None:
-                    ctx.ttfb_ms = ctx.elapsed_ms()
-                    backlog.release()  # the first byte means prefill is done
-                    plan.on_first_byte(endpoint)
-                tail = (tail + chunk)[-_TAIL_BYTES:]
-                if strip is not None and not (chunk := strip.feed(chunk)):
-                    continue  # an incomplete event, or the dropped usage chunk
-                await response.write(chunk)
-                ctx.bytes_out += len(chunk)
+                    tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, None)
             if strip is not None and (rest := strip.flush()):
                 await response.write(rest)
                 ctx.bytes_out += len(rest)
@@ -293,6 +285,31 @@ class Proxy:
             await self._broken(request, ctx, plan, endpoint, upstream, response, exc)
         parse_usage(tail, ctx)
         return response
+
+    @staticmethod
+    async def _relay_chunks(ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
+                            upstream: aiohttp.ClientResponse, response: web.StreamResponse, backlog: PrefillBacklog,
+                            strip: UsageChunkStripper | None, next_chunk_by: Callable[[], float] | None) -> bytes:
+        """Body chunks as they arrive; each read bounded by `next_chunk_by` when given (a
+        stream's idle gap). Returns the body's tail (for its `usage`)."""
+        tail = b""
+        while True:
+            if next_chunk_by is None:
+                chunk = await upstream.content.readany()
+            else:
+                async with asyncio.timeout_at(next_chunk_by()):
+                    chunk = await upstream.content.readany()
+            if not chunk:
+                return tail
+            if ctx.ttfb_ms is None:
+                ctx.ttfb_ms = ctx.elapsed_ms()
+                backlog.release()  # the first byte means prefill is done
+                plan.on_first_byte(endpoint)
+            tail = (tail + chunk)[-_TAIL_BYTES:]
+            if strip is not None and not (chunk := strip.feed(chunk)):
+                continue  # an incomplete event, or the dropped usage chunk
+            await response.write(chunk)
+            ctx.bytes_out += len(chunk)
 
     async def _broken(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
                       upstream: aiohttp.ClientResponse, response: web.StreamResponse, exc: BaseException) -> None:
