@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim-vllm": ("testbed.sim_vllm.cli:main", "run a simulated vLLM backend"),
     "smoke": ("testbed.smoke:main", "run the compose smoke stack (Docker, or local processes)"),
     "demo": ("testbed.demo:main", "start the whole local stack, send a sample workload, summarise routing"),
-    "bench": ("kvbench.cli:main", "benchmarks: kvgate bench {overhead,mlx,routing,cache-round}"),
+    "bench": ("kvbench.cli:main", "benchmarks: kvgate bench {overhead,mlx,routing,cache-round,soak}"),
     "report": ("kvreport.cli:main", "an offline HTML ops report from access logs: kvgate report LOG... -o FILE"),
 }
 
