@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kvkernel.blocks import block_keys
-from kvkernel.context import StateKey
+from kvkernel.context import RequestContext, StateKey
 
 PromptKind = Literal["completion", "chat"]
 Tier = Literal["prefix-index", "lmcache", "local-index", "none"]
@@ -77,13 +77,19 @@ AFFINITY_KEY: StateKey[str] = StateKey("affinity_key", str)
 API_KEY_ID: StateKey[str] = StateKey("api_key_id", str)
 
 
-def token_ids(ctx: Any) -> list[int] | None:
+def token_ids(ctx: RequestContext) -> list[int] | None:
     """The request's token ids, or None (a shortcut for the common read)."""
     tokens: Tokens | None = ctx.get(TOKENS)
     return tokens.ids if tokens is not None else None
 
 
-def preferred_endpoint(ctx: Any) -> str | None:
+def matched_tokens(ctx: RequestContext, endpoint_id: str) -> int:
+    """Prefix tokens the cache hints credit `endpoint_id` with (0 without hints)."""
+    hints = ctx.get(CACHE_HINTS)
+    return hints.matched_tokens.get(endpoint_id, 0) if hints is not None else 0
+
+
+def preferred_endpoint(ctx: RequestContext) -> str | None:
     """The endpoint a filter asked for, else the cache hints' preferred one."""
     explicit: str | None = ctx.get(PREFERRED_ENDPOINT)
     if explicit:
@@ -92,7 +98,7 @@ def preferred_endpoint(ctx: Any) -> str | None:
     return hints.preferred_endpoint if hints is not None else None
 
 
-def prompt_block_keys(ctx: Any) -> list[int] | None:
+def prompt_block_keys(ctx: RequestContext) -> list[int] | None:
     """The request's block keys (computed from `TOKENS` on first use), or None without tokens."""
     keys: list[int] | None = ctx.get(BLOCK_KEYS)
     if keys is None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from filters.keys import CACHE_HINTS, preferred_endpoint, prompt_block_keys, token_ids
+from filters.keys import matched_tokens, preferred_endpoint, prompt_block_keys, token_ids
 from filters.runner import FilterChain
 from gateway.admission import AdmissionGate
 from gateway.endpoints import Cluster, Endpoint
@@ -78,9 +78,7 @@ def predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
     ids = token_ids(ctx)
     if ids is None:
         return 0
-    hints = ctx.get(CACHE_HINTS)
-    matched = hints.matched_tokens.get(endpoint.id, 0) if hints is not None else 0
-    return max(0, len(ids) - matched)
+    return max(0, len(ids) - matched_tokens(ctx, endpoint.id))
 
 
 class AttemptAccounting:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from filters.keys import CACHE_HINTS, CacheHints, token_ids
+from filters.keys import CACHE_HINTS, matched_tokens, token_ids
 from gateway.endpoints import Endpoint
 from gateway.pickers.base import Choice, Picker
 from gateway.pickers.cache_aware_config import CacheAwareConfig
@@ -47,7 +47,6 @@ from kvkernel.context import DecisionKind, RequestContext, StateKey
 
 __all__ = ["CacheAwareConfig", "CacheAwarePolicy"]
 
-_NO_HINTS = CacheHints()
 CHARS_PER_TOKEN = 4  # prompt length estimate when the chain produced no token ids
 
 
@@ -149,7 +148,7 @@ class CacheAwarePolicy(Picker):
 
     def _estimate(self, ep: Endpoint, ctx: RequestContext) -> _Estimate:
         n = _prompt_tokens(ctx)
-        reuse = min(n, (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0))
+        reuse = min(n, matched_tokens(ctx, ep.id))
         model = self.model(ep.id)
         uncached = max(0, n - reuse)
         now = self._clock()

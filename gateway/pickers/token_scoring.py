@@ -26,13 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from filters.keys import CACHE_HINTS, CacheHints, token_ids
+from filters.keys import matched_tokens, token_ids
 from gateway.endpoints import Endpoint
 from gateway.pickers.base import Choice
 from gateway.pickers.cache_aware_config import CacheAwareConfig
 from kvkernel.context import DecisionKind, RequestContext
-
-_NO_HINTS = CacheHints()
 
 
 def is_saturated(ep: Endpoint, config: CacheAwareConfig) -> bool:
@@ -52,7 +50,7 @@ def load_cost(ep: Endpoint, config: CacheAwareConfig) -> float:
 
 
 def saved_tokens(ep: Endpoint, ctx: RequestContext) -> int:
-    matched = (ctx.get(CACHE_HINTS) or _NO_HINTS).matched_tokens.get(ep.id, 0)
+    matched = matched_tokens(ctx, ep.id)
     ids = token_ids(ctx)
     if ids is not None:
         matched = min(matched, len(ids))
