@@ -223,7 +223,7 @@ class KVCacheFilter(Filter):
         mode = self.config.controller_lookup
         if mode != "auto":
             return mode
-        return "off_path" if any(getattr(ep, "has_event_feed", False) for ep in endpoints) else "on_request"
+        return "off_path" if any(ep.has_event_feed for ep in endpoints) else "on_request"
 
     def _lookup_later(self, cluster: str, ids: list[int], endpoints: Sequence[EndpointView]) -> bool:
         """A background lookup whose answer teaches the local chunk index (TTL'd), so the
