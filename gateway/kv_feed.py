@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.endpoints import Endpoint
@@ -52,13 +52,13 @@ class KVEventFeed:
                 cfg.endpoint, cfg.replay_endpoint, topic=cfg.topic,
                 on_batch=self._on_batch(ep.id), on_reset=self._on_reset(ep.id))
 
-    def _on_batch(self, endpoint_id: str) -> Any:
+    def _on_batch(self, endpoint_id: str) -> Callable[[KVEventBatch], None]:
         def on_batch(batch: KVEventBatch) -> None:
             apply_batch(self.index, endpoint_id, batch)
 
         return on_batch
 
-    def _on_reset(self, endpoint_id: str) -> Any:
+    def _on_reset(self, endpoint_id: str) -> Callable[[], None]:
         def on_reset() -> None:
             log.info("kv events of %s: reset, its indexed blocks are dropped", endpoint_id)
             self.index.cleared(endpoint_id)

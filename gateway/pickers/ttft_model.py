@@ -153,12 +153,16 @@ class EndpointModel:
         self.errors = 0
         self.abs_error = 0.0  # running mean of |actual - predicted| TTFT, s
 
+    def _head_served(self, now: float) -> float:
+        """How long the oldest waiting stream has been in service (it could start at its
+        dispatch or at the previous first byte, whichever came later). Needs `waiting`."""
+        return now - max(self.waiting[0].dispatched_at, self.queue.last_first_byte)
+
     def seconds_per_token(self, now: float) -> float:
         """The learned time per token, raised to what the oldest overdue stream proves."""
         spt = self.speed.seconds_per_token
         if self.waiting:
-            head = self.waiting[0]
-            served = now - max(head.dispatched_at, self.queue.last_first_byte)
+            head, served = self.waiting[0], self._head_served(now)
             if head.uncached > 0 and served > head.service:
                 spt = max(spt, (served - self.speed.overhead) / head.uncached)
         return spt
@@ -173,9 +177,7 @@ class EndpointModel:
         if not self.waiting:
             return booked
         spt = self.seconds_per_token(now)
-        head = self.waiting[0]
-        served = now - max(head.dispatched_at, self.queue.last_first_byte)
-        proven = sum(self.speed.overhead + a.uncached * spt for a in self.waiting) - served
+        proven = sum(self.speed.overhead + a.uncached * spt for a in self.waiting) - self._head_served(now)
         return max(booked, proven)
 
     def dispatch(self, attempt: Attempt) -> None:
