@@ -65,11 +65,21 @@ routes:
 filters:
   - type: prompt
   - type: tokenizer
-    config: {{backend: local, model_dir: "{model_dir}", cache: {{max_size: 0}}}}
+    config: {{backend: local, model_dir: "{model_dir}", cache: {{max_size: {token_cache}}}}}
   - type: kvcache
+    config: {kvcache}
   - type: access-log
     config: {{path: "{access_log}"}}
 """
+
+
+def full_chain_yaml(port: int, backend_port: int, model_dir: Path, access_log: Path, *, workers: int = 1,
+                    token_cache: int = 0, kvcache: str = "{}") -> str:
+    """The whole cache-aware chain in front of one backend (`overhead` and `soak`); the
+    token cache holds `token_cache` prompts (0: every request is tokenized)."""
+    return FULL_CHAIN_YAML.format(host=HOST, port=port, backend_port=backend_port, workers=workers,
+                                  model_dir=model_dir, access_log=access_log, token_cache=token_cache,
+                                  kvcache=kvcache)
 
 
 @dataclass(frozen=True)
@@ -118,9 +128,11 @@ def _start_gateway(name: str, workdir: Path, port: int, backend_port: int, opts:
                    tree: Path | None) -> tuple[ManagedProcess, Path]:
     access_log = workdir / f"{name}-access.jsonl"
     config = workdir / f"{name}.yaml"
-    template = FULL_CHAIN_YAML if name == "gateway-full" else GATEWAY_YAML
-    config.write_text(template.format(host=HOST, port=port, backend_port=backend_port, workers=opts.workers,
-                                      access_log=access_log, model_dir=workdir / "model"))
+    if name == "gateway-full":
+        config.write_text(full_chain_yaml(port, backend_port, workdir / "model", access_log, workers=opts.workers))
+    else:
+        config.write_text(GATEWAY_YAML.format(host=HOST, port=port, backend_port=backend_port,
+                                              workers=opts.workers, access_log=access_log))
     args = kvgate_cmd("serve", "-c", str(config), "--log-level", "WARNING")
     if opts.cprofile is not None and tree is None:
         args = [sys.executable, "-m", "cProfile", "-o", str(opts.cprofile), *args[1:]]

@@ -27,27 +27,9 @@ from pathlib import Path
 import psutil
 
 from kvbench.loadgen import LoadgenProcess, LoadJob
+from kvbench.overhead import full_chain_yaml
 from kvbench.report import default_path, write_section
 from testbed.procs import HOST, ManagedProcess, free_ports, kvgate_cmd
-
-GATEWAY_YAML = """\
-server: {{host: {host}, port: {port}}}
-clusters:
-  - name: soak
-    picker: {{type: cache_aware}}
-    endpoints:
-      - {{id: fake-1, url: "http://{host}:{backend_port}", kind: vllm}}
-routes:
-  - {{match: {{prefix: /v1/}}, cluster: soak}}
-filters:
-  - type: prompt
-  - type: tokenizer
-    config: {{backend: local, model_dir: "{model_dir}", cache: {{max_size: 2000}}}}
-  - type: kvcache
-    config: {{local_index: {{max_chunks: 5000}}}}
-  - type: access-log
-    config: {{path: "{access_log}"}}
-"""
 
 
 @dataclass(frozen=True)
@@ -85,9 +67,9 @@ def start(workdir: Path) -> tuple[ManagedProcess, ManagedProcess, int, int]:
 
     backend_port, port = free_ports(2)
     write_model(workdir / "model", "tiny", seed=0)
-    (workdir / "gw.yaml").write_text(GATEWAY_YAML.format(host=HOST, port=port, backend_port=backend_port,
-                                                         model_dir=workdir / "model",
-                                                         access_log=workdir / "access.jsonl"))
+    # A bounded token cache (fewer entries than distinct prompts) and chunk index: both must stay flat.
+    (workdir / "gw.yaml").write_text(full_chain_yaml(port, backend_port, workdir / "model", workdir / "access.jsonl",
+                                                     token_cache=2000, kvcache="{local_index: {max_chunks: 5000}}"))
     backend = ManagedProcess("backend", [sys.executable, "-m", "testbed.fake_openai", "--port", str(backend_port)],
                              workdir / "backend.log").start()
     gateway = ManagedProcess("gateway", kvgate_cmd("serve", "-c", str(workdir / "gw.yaml"), "--log-level",
