@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 
 from mlxd.block_events import BlockTracker, block_hashes
 from mlxd.prefix_cache import PrefixCache
+from tests.kvproto.block_events import Events
 from tests.mlxd.test_prefix_cache import RowCodec, kv_of
-
-
-class Events:
-    def __init__(self) -> None:
-        self.log: list[tuple[Any, ...]] = []
-
-    def stored(self, hashes: Sequence[int], parent: int | None, tokens: Sequence[int]) -> None:
-        self.log.append(("stored", list(hashes), parent, list(tokens)))
-
-    def removed(self, hashes: Sequence[int]) -> None:
-        self.log.append(("removed", sorted(hashes)))
-
-    def cleared(self) -> None:
-        self.log.append(("cleared",))
 
 
 def _cache(capacity: int = 1000) -> tuple[PrefixCache, Events]:

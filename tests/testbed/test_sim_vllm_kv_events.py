@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from contextlib import aclosing
-from typing import Any
 
 import pytest
 
 from testbed.sim_vllm.cache import PrefixCache
 from testbed.sim_vllm.engine import Engine, EngineConfig, RequestResult
 from testbed.sim_vllm.tokenizer import load_tokenizer
-
-
-class Events:
-    def __init__(self) -> None:
-        self.log: list[tuple[Any, ...]] = []
-
-    def stored(self, hashes: Sequence[int], parent: int | None, tokens: Sequence[int]) -> None:
-        self.log.append(("stored", list(hashes), parent, list(tokens)))
-
-    def removed(self, hashes: Sequence[int]) -> None:
-        self.log.append(("removed", sorted(hashes)))
-
-    def cleared(self) -> None:
-        self.log.append(("cleared",))
+from tests.kvproto.block_events import Events
 
 
 def _cache(capacity: int = 64) -> tuple[PrefixCache, Events]:
