@@ -65,8 +65,9 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
 def _clients(state: GatewayState):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # Idle upstream connections are dropped after 4 s: servers such as uvicorn (vLLM)
-        # close theirs after 5 s, and reusing one they just closed costs a retry.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=300)
+        # close theirs after 5 s, and reusing one they just closed costs a retry. Host names
+        # (a Kubernetes Service, say) are re-resolved after 10 s, so a moved backend is found soon.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=10)
         state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               skip_auto_headers=("User-Agent", "Accept-Encoding"),
                                               cookie_jar=aiohttp.DummyCookieJar())
@@ -96,7 +97,7 @@ def _background(state: GatewayState):  # type: ignore[no-untyped-def]
         assert state.background is not None
         state.background.start()
         yield
-        await state.background.close(timeout=state.config.server.drain_timeout)
+        await state.background.close(timeout=state.drain_time_left(state.config.server.drain_timeout))
 
     return ctx
 

@@ -39,8 +39,11 @@ from kvkernel.logfmt import add_log_format_arg, configure_logging
 log = logging.getLogger("kvgate.serve")
 
 # Blocked from the start of `main` until a handler is in place, so that a SIGTERM sent
-# while the process (or a forked worker) is still starting drains instead of killing it.
+# while the process (or a forked worker) is still starting drains instead of killing it,
+# and a SIGHUP (reload) sent then is applied once the gateway runs instead of killing it.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_EARLY_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+_SHUTDOWN_GRACE = 0.5  # seconds a request still running at the drain deadline gets before it is cancelled
 
 
 def load_and_plan(path: str) -> tuple[GatewayConfig, GatewayPlan]:
@@ -72,7 +75,9 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     server = config.server
     # handler_cancellation: a client that goes away cancels its request, which closes the
     # upstream connection, so the backend stops generating for nobody.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.drain_timeout,
+    # shutdown_timeout: the drain below has already waited for the in-flight requests; what is
+    # still running at the deadline gets only a short grace before it is cancelled.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE,
                            handler_cancellation=True)
     await runner.setup()
     site = GuardedSite(runner, server.limits, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
@@ -88,21 +93,23 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, app, reloads)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a stop that came early is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _EARLY_SIGNALS)  # a stop or reload that came early is delivered now
     log.info("kvgate listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
     await stop.wait()
     log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, server.drain_timeout)
+    # One deadline for the whole shutdown: the in-flight requests, then the background
+    # queue and the clients share `drain_timeout` (plus a short grace), not one each.
+    state.drain_deadline = deadline = loop.time() + server.drain_timeout
     state.draining = True
     await site.stop()  # stop accepting; established connections keep going
     if admin_runner is not None:
         await admin_runner.cleanup()
-    deadline = loop.time() + server.drain_timeout
     while state.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110 - bounded drain poll
         await asyncio.sleep(0.05)
     await runner.cleanup()
     # Closing the loop puts back the default (fatal) disposition; a second SIGTERM that
     # arrives while the interpreter tears down must not turn a clean exit into a kill.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS)
     log.info("kvgate stopped")
 
 
@@ -192,7 +199,7 @@ def _fork_workers(config: GatewayConfig, plans: GatewayPlan, config_path: str | 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)  # each worker reloads on its own
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _EARLY_SIGNALS)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
@@ -202,6 +209,7 @@ def _fork_workers(config: GatewayConfig, plans: GatewayPlan, config_path: str | 
 
 
 def main(argv: Sequence[str]) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS)  # held until the handlers are in place
     parser = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("--port", type=int, help="override server.port")
@@ -226,7 +234,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"kvgate serve: {server.host}:{server.port} is already served by another process "
               "(set server.reuse_port: true to share it)", file=sys.stderr)
         return 1
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     if server.workers > 1:
         return _serve_workers(config, plans, args.config)
     _run(config, plans, reuse_port=server.reuse_port, config_path=args.config)

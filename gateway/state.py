@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -34,11 +35,21 @@ class GatewayState:
     session: aiohttp.ClientSession | None = None
     inflight: int = 0
     draining: bool = False
+    drain_deadline: float | None = None  # loop time by which shutdown must be done (set when draining starts)
+
+    def drain_time_left(self, fallback: float) -> float:
+        """Seconds left before the drain deadline (at least a short grace), `fallback` when not draining."""
+        if self.drain_deadline is None:
+            return fallback
+        return max(_SHUTDOWN_GRACE, self.drain_deadline - asyncio.get_running_loop().time())
 
     def load(self) -> float:
         """Gateway load as in-flight requests per endpoint (0 = idle)."""
         total = max(1, len(self.clusters.all_endpoints()))
         return self.inflight / (8.0 * total)
 
+
+# What shutdown still gets after the drain deadline: closing sockets and clients, not more requests.
+_SHUTDOWN_GRACE = 0.5
 
 STATE_KEY = web.AppKey("kvgate_state", GatewayState)

@@ -73,7 +73,7 @@ async def test_two_workers_share_the_port(tmp_path: Path) -> None:
                     statuses.append(resp.status)
         assert statuses == [200] * 20
         assert (await asyncio.to_thread(proc.stop, 15)) == 0
-        assert proc.log_tail().count("kvgate stopped") == 2
+        assert _log(proc).count("kvgate stopped") == 2
     finally:
         proc.kill()
         await backend.close()
@@ -131,6 +131,8 @@ async def test_two_workers_expose_one_consistent_metrics(tmp_path: Path) -> None
     sent = 30
     try:
         await asyncio.to_thread(proc.wait_http, url + "/healthz", 30)
+        # /healthz answers once one worker listens; the spread below needs both.
+        await wait_until(lambda: _log(proc).count("kvgate listening") == 2, timeout=30)
         for _ in range(sent):  # a new connection each time: the kernel spreads them over both workers
             async with aiohttp.ClientSession() as session:
                 async with session.post(url + "/v1/completions", json={"model": "m", "prompt": "x"}) as resp:
@@ -157,3 +159,58 @@ async def test_two_workers_expose_one_consistent_metrics(tmp_path: Path) -> None
 
 async def _scraped_total(scrape: Callable[[], Awaitable[str]], want: int) -> bool:
     return _requests_total(await scrape()) == want
+
+
+def _blocked_signals(pid: int) -> int:
+    """The signal mask of a process's main thread, from /proc (bit n-1 = signal n)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+async def test_a_sighup_during_start_up_is_applied_later_instead_of_killing_the_workers(tmp_path: Path) -> None:
+    """A reload asked for while the parent forks its workers (or they build their apps) is held,
+    not fatal: SIGHUP's default disposition would end the process."""
+    backend = await start_backend(FakeBackend("a"))
+    port = free_port()
+    proc = _gateway_process(tmp_path, backend.port, port, extra_server=", workers: 2")
+    try:
+        pid = proc.proc.pid
+        await wait_until(lambda: not proc.alive() or _blocked_signals(pid) & (1 << (signal.SIGTERM - 1)) != 0,
+                         timeout=30)
+        assert proc.alive(), proc.log_tail()
+        sent = 0
+        while _log(proc).count("kvgate listening") < 2 and proc.alive():
+            proc.signal(signal.SIGHUP)  # start-up is under way: every one lands in it
+            sent += 1
+            await asyncio.sleep(0.01)
+        assert proc.alive() and sent > 0, proc.log_tail()
+        await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", 30)
+        await wait_until(lambda: "config reloaded" in _log(proc), timeout=30)  # the held reload ran
+        assert (await asyncio.to_thread(proc.stop, 15)) == 0, proc.log_tail()
+        assert _log(proc).count("kvgate stopped") == 2
+    finally:
+        proc.kill()
+        await backend.close()
+
+
+def _log(proc: ManagedProcess) -> str:
+    return proc.log_path.read_text(errors="replace")
+
+
+async def test_shutdown_steps_share_one_drain_deadline(tmp_path: Path) -> None:
+    """The background queue's close gets what is left of `drain_timeout`, not a fresh one."""
+    from gateway.app import create_app
+    from gateway.config import load_config_text
+    from gateway.state import STATE_KEY
+
+    config = load_config_text(gateway_yaml({"a": free_port()}, tmp_path / "access.jsonl",
+                                           server=", drain_timeout: 30s"))
+    state = create_app(config, monitor=False)[STATE_KEY]
+    assert state.drain_time_left(30.0) == 30.0  # not draining: the full timeout
+    now = asyncio.get_running_loop().time()
+    state.drain_deadline = now + 2.0
+    assert 0.5 <= state.drain_time_left(30.0) <= 2.0
+    state.drain_deadline = now - 5.0  # past the deadline: only the short grace
+    assert state.drain_time_left(30.0) == 0.5
