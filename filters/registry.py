@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from filters.base import Filter, Services
 from kvkernel.context import StateKey
-from kvkernel.decode import ConfigError, decode_dataclass
+from kvkernel.decode import ConfigError
+from kvkernel.plugins import PluginRegistry
 
 F = TypeVar("F", bound=type[Filter])
 
@@ -24,29 +24,17 @@ class FilterSpec(Protocol):
     @property
     def config(self) -> Any: ...
 
-_KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_REGISTRY: dict[str, type[Filter]] = {}
+_FILTERS: PluginRegistry[type[Filter]] = PluginRegistry("filter", r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$", "kebab-case")
 
 
 def register(type_name: str) -> Callable[[F], F]:
-    if not _KEBAB.match(type_name):
-        raise ValueError(f"filter type {type_name!r} must be kebab-case")
-
-    def wrap(cls: F) -> F:
-        if type_name in _REGISTRY:
-            first = _REGISTRY[type_name].__module__
-            raise ValueError(f"filter type {type_name!r} registered twice ({first}, {cls.__module__})")
-        cls.type_name = type_name
-        _REGISTRY[type_name] = cls
-        return cls
-
-    return wrap
+    return _FILTERS.register(type_name)  # type: ignore[return-value]  # the subclass type narrows C
 
 
 def registered() -> dict[str, type[Filter]]:
     import filters.builtins  # noqa: F401 - registers the built-ins
 
-    return dict(_REGISTRY)
+    return _FILTERS.known()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +60,8 @@ def plan_filters(specs: Sequence[FilterSpec]) -> list[FilterPlan]:
         if name in names:
             raise ConfigError(f"{path}.name", f"filter name {name!r} used twice; give one of them a distinct `name`")
         names.add(name)
-        plans.append(FilterPlan(cls, name, _decode_config(cls, spec.config, f"{path}({spec.type}).config")))
+        plans.append(FilterPlan(cls, name, _FILTERS.decode_config(cls, spec.config, f"{path}({spec.type}).config")))
     return plans
-
-
-def _decode_config(cls: type[Filter], raw: Any, path: str) -> Any:
-    if cls.Config is None:
-        if raw not in (None, {}):
-            raise ConfigError(path, f"filter {cls.type_name!r} takes no config")
-        return None
-    return decode_dataclass(cls.Config, raw, path)
 
 
 def check_chain(plans: Sequence[FilterPlan], required: Sequence[tuple[str, StateKey[Any]]] = ()) -> None:
