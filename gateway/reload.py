@@ -18,7 +18,7 @@ A valid one becomes a new generation that keeps what still applies:
 - the prefix index, the KV-event feed, clients and the background queue are never rebuilt;
   the feed follows the new endpoint set (`KVEventFeed.sync`).
 
-An endpoint that is gone from the new generation drains (`gateway.drain`): no new
+An endpoint that is gone from the new generation drains (`gateway.fleet`): no new
 request goes there, the ones in flight finish, then it leaves the prefix index and
 its KV-event subscription closes.
 
@@ -47,20 +47,19 @@ from aiohttp import web
 from filters.base import Filter, Services
 from filters.runner import FilterChain
 from gateway.admission import AdmissionGate
-from gateway.config import ClusterConfig, GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.discovery.config import DiscoveryConfig
 from gateway.discovery.endpoints import merge_discovered
-from gateway.drain import DrainingEndpoints
 from gateway.endpoint_config import EndpointConfig
-from gateway.endpoints import Cluster, ClusterRegistry, Endpoint, build_endpoint
+from gateway.endpoints import ClusterRegistry
 from gateway.exchange import Exchange
+from gateway.fleet import DrainingEndpoints, carry_over_clusters
 from gateway.monitor import EndpointMonitor
 from gateway.pickers.base import Picker
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable
 from gateway.state import GatewayState
-from kvkernel.breaker import CircuitBreakerConfig
 from kvkernel.decode import ConfigError
 
 log = logging.getLogger("kvgate.reload")
@@ -310,29 +309,6 @@ class Generations:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def carry_over_clusters(old: ClusterRegistry, configs: Sequence[ClusterConfig],
-                        draining: Mapping[str, tuple[Endpoint, CircuitBreakerConfig]] | None = None,
-                        unproven: Collection[str] = ()) -> ClusterRegistry:
-    """New clusters in which every endpoint whose config and breaker config did not change
-    is the old `Endpoint` object (health, breaker, load and statistics kept), also one that
-    was draining and is back. A new endpoint named in `unproven` starts unhealthy."""
-    previous: dict[str, tuple[Endpoint, CircuitBreakerConfig]] = {
-        e.id: (e, c.config.circuit_breaker) for c in old for e in c.endpoints}
-    previous.update(draining or {})
-    clusters: list[Cluster] = []
-    for config in configs:
-        endpoints: list[Endpoint] = []
-        for ep in config.endpoints:
-            prior = previous.get(ep.id)
-            if prior is not None and prior[0].config == ep and prior[1] == config.circuit_breaker:
-                prior[0].max_inflight = config.max_inflight_per_endpoint
-                endpoints.append(prior[0])
-            else:
-                endpoints.append(build_endpoint(config, ep, healthy=ep.id not in unproven))
-        clusters.append(Cluster(config, endpoints))  # its outlier tracker sees the endpoints it serves
-    return ClusterRegistry(clusters)
 
 
 def _ids(discovered: Mapping[str, Sequence[EndpointConfig]]) -> set[str]:

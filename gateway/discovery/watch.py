@@ -76,12 +76,16 @@ class ClusterWatch:
         self._generations = generations
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._applying: asyncio.Task[list[str] | None] | None = None
 
     async def round(self) -> None:
         """Ask the source once and apply what changed; never raises (but cancellation)."""
         try:
             found = await self.source.find()
-            skipped = await self._generations.set_discovered(self.cluster, self.config, found.endpoints)
+            # A swap is never cut in half: cancelling the watch waits for it (see `close`).
+            self._applying = asyncio.ensure_future(
+                self._generations.set_discovered(self.cluster, self.config, found.endpoints))
+            skipped = await asyncio.shield(self._applying)
         except (DiscoveryError, ConfigError) as exc:
             self._failed(str(exc))
             return
@@ -128,6 +132,9 @@ class ClusterWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._applying is not None:
+            with contextlib.suppress(Exception):
+                await self._applying
 
 
 class Discovery:

@@ -1,6 +1,8 @@
-"""Endpoints that left the fleet (a reload or discovery dropped them) and drain.
+"""Endpoints across config generations: which carry over, which drain.
 
-A leaving endpoint is marked `draining`: no request picks it again, not even a
+`carry_over_clusters` keeps an endpoint's live object (health, breaker, load,
+statistics) while its config stays the same. A leaving endpoint (a reload or
+discovery dropped it) is marked `draining`: no request picks it again, not even a
 failover of a request still running on an older generation, while the requests
 already sent there finish normally. Once its in-flight count is zero it is done:
 the caller drops it from the prefix index and closes its KV-event subscription.
@@ -9,7 +11,10 @@ If it comes back before that, the same `Endpoint` object returns to service.
 
 from __future__ import annotations
 
-from gateway.endpoints import ClusterRegistry, Endpoint
+from collections.abc import Collection, Mapping, Sequence
+
+from gateway.config import ClusterConfig
+from gateway.endpoints import Cluster, ClusterRegistry, Endpoint, build_endpoint
 from kvkernel.breaker import CircuitBreakerConfig
 
 
@@ -56,3 +61,26 @@ class DrainingEndpoints:
 
     def snapshot(self) -> list[dict[str, object]]:
         return [{"id": ep.id, "url": ep.url, "inflight": ep.inflight} for ep, _ in self._by_id.values()]
+
+
+def carry_over_clusters(old: ClusterRegistry, configs: Sequence[ClusterConfig],
+                        draining: Mapping[str, tuple[Endpoint, CircuitBreakerConfig]] | None = None,
+                        unproven: Collection[str] = ()) -> ClusterRegistry:
+    """New clusters in which every endpoint whose config and breaker config did not change
+    is the old `Endpoint` object (health, breaker, load and statistics kept), also one that
+    was draining and is back. A new endpoint named in `unproven` starts unhealthy."""
+    previous: dict[str, tuple[Endpoint, CircuitBreakerConfig]] = {
+        e.id: (e, c.config.circuit_breaker) for c in old for e in c.endpoints}
+    previous.update(draining or {})
+    clusters: list[Cluster] = []
+    for config in configs:
+        endpoints: list[Endpoint] = []
+        for ep in config.endpoints:
+            prior = previous.get(ep.id)
+            if prior is not None and prior[0].config == ep and prior[1] == config.circuit_breaker:
+                prior[0].max_inflight = config.max_inflight_per_endpoint
+                endpoints.append(prior[0])
+            else:
+                endpoints.append(build_endpoint(config, ep, healthy=ep.id not in unproven))
+        clusters.append(Cluster(config, endpoints))  # its outlier tracker sees the endpoints it serves
+    return ClusterRegistry(clusters)
