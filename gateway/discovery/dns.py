@@ -2,8 +2,13 @@
 
 SRV: each record's target is looked up in the answer's additional section (a
 Kubernetes headless Service sends it along) or else resolved (A, then AAAA); every
-address of a target becomes an endpoint on the record's port. Priorities and
-weights are not used: every target is an endpoint, the picker spreads the load.
+address of a target becomes an endpoint on the record's port, named
+`target:port` (the target's address when it has several). Priorities and weights
+are not used: every target is an endpoint, the picker spreads the load.
+
+Names: one ending in a dot is absolute; with the system resolver, another goes
+through resolv.conf's search list as any lookup in the pod would (so
+`_http._tcp.vllm-headless` finds the Service in the gateway's namespace).
 
 An answer is the truth, an empty one too (NXDOMAIN or no records: a headless
 Service scaled to zero): the endpoints it no longer names drain and go. A failure
@@ -22,7 +27,8 @@ import dns.rdatatype
 import dns.resolver
 
 from gateway.discovery.config import DnsDiscoveryConfig, EndpointTemplate, parse_nameserver
-from gateway.discovery.endpoints import DiscoveryError, Found, address_endpoint, host_port
+from gateway.discovery.endpoints import DiscoveryError, Found, address_endpoint
+from gateway.endpoint_config import EndpointConfig
 
 
 class DnsSource:
@@ -44,6 +50,7 @@ class DnsSource:
                     resolver = dns.asyncresolver.Resolver()
                 except dns.exception.DNSException as exc:  # no usable /etc/resolv.conf
                     raise DiscoveryError(f"no system resolver: {exc}") from None
+                resolver.use_search_by_default = True
             resolver.timeout = resolver.lifetime = cfg.timeout
             self._resolver = resolver
         return self._resolver
@@ -65,7 +72,7 @@ class DnsSource:
     async def _srv(self) -> Found:
         answer = await self.resolver().resolve(self.config.name, "SRV")
         known = _additional_addresses(answer)
-        found: dict[str, tuple[str, int]] = {}
+        found: dict[str, EndpointConfig] = {}
         skipped: list[str] = []
         for rr in sorted(answer, key=lambda r: (str(r.target), r.port)):
             if rr.target == dns.name.root:  # "." : the service is explicitly not available there
@@ -77,11 +84,13 @@ class DnsSource:
                 except dns.exception.DNSException as exc:
                     skipped.append(f"{rr.target}:{rr.port}: {_describe(exc)}")
                     continue
+            name = rr.target.to_text(omit_final_dot=True) if len(addresses) == 1 else None
             for address in addresses:
-                found[host_port(address, rr.port)] = (address, rr.port)
+                endpoint = address_endpoint(self.template, address, rr.port, name)
+                found.setdefault(endpoint.id, endpoint)
         if not found and skipped:
             raise DiscoveryError(f"SRV {self.config.name}: no target resolved to an address ({'; '.join(skipped)})")
-        return Found([address_endpoint(self.template, a, p) for a, p in found.values()], skipped)
+        return Found(list(found.values()), skipped)
 
     async def _addresses(self, target: dns.name.Name) -> list[str]:
         try:

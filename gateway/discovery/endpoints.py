@@ -1,9 +1,12 @@
 """From what a source found to endpoint configs, and into the gateway config.
 
-A discovered endpoint's id is `host:port` (`[v6]:port`), stable across
-re-resolutions, so its LMCache instance id (which defaults to the endpoint id),
-its health, breaker and learned state carry over while it stays discovered. A
-file entry may name its own `id`.
+A discovered endpoint's id is `host:port`, stable across re-resolutions, so its
+LMCache instance id (which defaults to the endpoint id), its health, breaker and
+learned state carry over while it stays discovered. `host` is the SRV target's
+name when it has one address (a StatefulSet pod's stable name, e.g.
+`vllm-0.vllm-headless.ns.svc.cluster.local`), else the address (`[v6]` in
+brackets). The URL and the KV-event sockets always use the address: the data
+plane does not resolve names again. A file entry may name its own `id`.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ def _kv_events(template: TemplateKVEvents, host: str) -> KVEventsConfig:
     return KVEventsConfig(f"tcp://{netloc}:{template.port}", replay, template.topic)
 
 
-def address_endpoint(template: EndpointTemplate, host: str, port: int) -> EndpointConfig:
-    """The endpoint serving at `host:port`, as the template describes it."""
-    netloc = host_port(host, port)
-    kv_events = _kv_events(template.kv_events, host) if template.kv_events is not None else None
-    return EndpointConfig(netloc, f"{template.scheme}://{netloc}", template.kind,
+def address_endpoint(template: EndpointTemplate, address: str, port: int, name: str | None = None) -> EndpointConfig:
+    """The endpoint serving at `address:port`, as the template describes it; its id is
+    `name:port` when a name is given, else `address:port`."""
+    netloc = host_port(address, port)
+    kv_events = _kv_events(template.kv_events, address) if template.kv_events is not None else None
+    return EndpointConfig(host_port(name, port) if name else netloc, f"{template.scheme}://{netloc}", template.kind,
                           scrape_metrics=template.scrape_metrics, kv_events=kv_events)
 
 

@@ -51,11 +51,16 @@ def ep_id(server: TestServer) -> str:
 
 
 def srv_records(dns: DnsServer, servers: list[TestServer]) -> None:
-    """SRV records naming each server as its own target (pod-N), all at 127.0.0.1."""
+    """SRV records naming each server as its own target (a pod), all at 127.0.0.1."""
     records: dict[tuple[str, str], list[str]] = {(SRV, "SRV"): [
-        f"0 50 {s.port} pod-{i}.vllm.test." for i, s in enumerate(servers)]}
-    records.update({(f"pod-{i}.vllm.test.", "A"): ["127.0.0.1"] for i in range(len(servers))})
+        f"0 50 {s.port} pod-{s.port}.vllm.test." for s in servers]}
+    records.update({(f"pod-{s.port}.vllm.test.", "A"): ["127.0.0.1"] for s in servers})
     dns.records = records
+
+
+def srv_id(server: TestServer) -> str:
+    """A discovered SRV endpoint's id: its target's name and port."""
+    return f"pod-{server.port}.vllm.test:{server.port}"
 
 
 def dns_discovery(dns: DnsServer, record: str = "SRV", name: str = SRV, port: int | None = None) -> str:
@@ -70,20 +75,20 @@ async def test_srv_answers_add_endpoints_after_a_health_probe_and_remove_them(
     dns_server.additional = True  # as Kubernetes sends it
     srv_records(dns_server, [a])
     await gateway.start(discovery_yaml(dns_discovery(dns_server)))
-    assert gateway.ids() == [ep_id(a)]  # the first answer is in before the gateway serves
-    await wait_until(lambda: gateway.healthy() == [ep_id(a)], message="a passed its health probe")
-    assert {who for _, who in await gateway.complete(3)} == {ep_id(a)}
+    assert gateway.ids() == [srv_id(a)]  # the first answer is in before the gateway serves
+    await wait_until(lambda: gateway.healthy() == [srv_id(a)], message="a passed its health probe")
+    assert {who for _, who in await gateway.complete(3)} == {srv_id(a)}
 
     srv_records(dns_server, [a, b])
-    await wait_until(lambda: gateway.healthy() == sorted([ep_id(a), ep_id(b)]), message="b added, then healthy")
-    assert {who for _, who in await gateway.complete(4)} == {ep_id(a), ep_id(b)}
+    await wait_until(lambda: gateway.healthy() == sorted([srv_id(a), srv_id(b)]), message="b added, then healthy")
+    assert {who for _, who in await gateway.complete(4)} == {srv_id(a), srv_id(b)}
 
     srv_records(dns_server, [b])
-    await wait_until(lambda: gateway.ids() == [ep_id(b)], message="a removed")
-    assert {(status, who) for status, who in await gateway.complete(4)} == {(200, ep_id(b))}
+    await wait_until(lambda: gateway.ids() == [srv_id(b)], message="a removed")
+    assert {(status, who) for status, who in await gateway.complete(4)} == {(200, srv_id(b))}
     status = await gateway.status()
     llm = status["discovery"]["llm"]
-    assert llm["source"] == f"dns SRV {SRV}" and llm["endpoints"] == [ep_id(b)]
+    assert llm["source"] == f"dns SRV {SRV}" and llm["endpoints"] == [srv_id(b)]
     assert llm["last_error"] is None and llm["last_resolved_at"] > 0 and llm["changes"] >= 3
     await wait_until(lambda: gateway.generations.draining.snapshot() == [], message="a drained")
     changes = re.search(r'kvgate_discovery_changes_total\{cluster="llm"\} (\S+)', await gateway.metrics())
@@ -171,8 +176,8 @@ async def test_a_resolver_failure_keeps_the_endpoints_and_logs_once(
         await wait_until(lambda q=queries: len(dns_server.queries) >= q + 3, message=f"rounds with {mode}")
         status = (await gateway.status())["discovery"]["llm"]
         assert status["last_error"] is not None and status["error_since"] is not None
-        assert gateway.ids() == sorted([ep_id(a), ep_id(b)])
-        assert {who for _, who in await gateway.complete(4)} == {ep_id(a), ep_id(b)}
+        assert gateway.ids() == sorted([srv_id(a), srv_id(b)])
+        assert {who for _, who in await gateway.complete(4)} == {srv_id(a), srv_id(b)}
     failures = [r for r in caplog.records if "failed, its last known 2 endpoints stay" in r.getMessage()]
     assert len(failures) == 2  # once per kind of failure, not once per round
     dns_server.mode = "answer"
@@ -199,13 +204,13 @@ async def test_a_reload_keeps_the_discovered_endpoints(
     await wait_until(lambda: len(gateway.healthy()) == 2, message="both serve")
     before = {e.id: e for e in gateway.cluster.endpoints}
     answer = await gateway.reload(discovery_yaml(dns_discovery(dns_server), static))
-    assert answer["endpoints_kept"] == sorted([ep_id(a), ep_id(b)])
-    assert gateway.ids() == sorted([ep_id(a), ep_id(b), "static-c"])
+    assert answer["endpoints_kept"] == sorted([srv_id(a), srv_id(b)])
+    assert gateway.ids() == sorted([srv_id(a), srv_id(b), "static-c"])
     assert all(gateway.cluster.endpoint(i) is ep for i, ep in before.items())  # same objects: health kept
     # A changed discovery block: the last known endpoints stay until the new source answers.
-    dns_server.records[("_other._tcp.test.", "SRV")] = [f"0 0 {b.port} pod-1.vllm.test."]
+    dns_server.records[("_other._tcp.test.", "SRV")] = [f"0 0 {b.port} pod-{b.port}.vllm.test."]
     await gateway.reload(discovery_yaml(dns_discovery(dns_server, name="_other._tcp.test."), static))
-    await wait_until(lambda: gateway.ids() == sorted([ep_id(b), "static-c"]), message="the new source's answer")
+    await wait_until(lambda: gateway.ids() == sorted([srv_id(b), "static-c"]), message="the new source's answer")
     # Discovery gone from the config: so are the discovered endpoints.
     await gateway.reload(discovery_yaml("null", static))
     assert gateway.ids() == ["static-c"] and (await gateway.status())["discovery"] == {}

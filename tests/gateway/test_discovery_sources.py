@@ -41,8 +41,10 @@ async def test_srv_gives_one_endpoint_per_target_and_port(dns_server: DnsServer,
                           ("pod-a.vllm.test.", "A"): ["127.0.0.1"], ("pod-b.vllm.test.", "A"): ["127.0.0.1"]}
     template = EndpointTemplate(kind="vllm", kv_events=TemplateKVEvents(5557, 5558, "kv"))
     found = await dns_source(dns_server, template=template).find()
+    # Named by target (a StatefulSet pod's stable name), reached at the address.
     assert [(e.id, e.url, e.kind) for e in found.endpoints] == [
-        ("127.0.0.1:8001", "http://127.0.0.1:8001", "vllm"), ("127.0.0.1:8002", "http://127.0.0.1:8002", "vllm")]
+        ("pod-a.vllm.test:8001", "http://127.0.0.1:8001", "vllm"),
+        ("pod-b.vllm.test:8002", "http://127.0.0.1:8002", "vllm")]
     assert found.endpoints[0].kv_events == KVEventsConfig("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "kv")
     looked_up = {q for q in dns_server.queries if q[1] == "A"}
     assert looked_up == (set() if additional else {("pod-a.vllm.test.", "A"), ("pod-b.vllm.test.", "A")})
@@ -52,11 +54,19 @@ async def test_an_srv_target_that_does_not_resolve_is_skipped_and_said_so(dns_se
     dns_server.records = {(SRV_NAME, "SRV"): ["0 0 8001 pod-a.test.", "0 0 8002 gone.test."],
                           ("pod-a.test.", "A"): ["127.0.0.1"]}
     found = await dns_source(dns_server).find()
-    assert [e.id for e in found.endpoints] == ["127.0.0.1:8001"]
+    assert [e.id for e in found.endpoints] == ["pod-a.test:8001"]
     assert len(found.skipped) == 1 and "gone.test." in found.skipped[0]
     dns_server.records = {(SRV_NAME, "SRV"): ["0 0 8002 gone.test."]}
     with pytest.raises(DiscoveryError, match="no target resolved"):  # nothing left: keep what was known
         await dns_source(dns_server).find()
+
+
+async def test_an_srv_target_with_several_addresses_gives_an_endpoint_per_address(dns_server: DnsServer) -> None:
+    dns_server.records = {(SRV_NAME, "SRV"): ["0 0 8001 multi.test."], ("multi.test.", "A"): ["127.0.0.1",
+                                                                                             "127.0.0.2"]}
+    found = await dns_source(dns_server).find()
+    assert [(e.id, e.url) for e in found.endpoints] == [("127.0.0.1:8001", "http://127.0.0.1:8001"),
+                                                        ("127.0.0.2:8001", "http://127.0.0.2:8001")]
 
 
 async def test_a_and_aaaa_records_use_the_configured_port(dns_server: DnsServer) -> None:
@@ -183,3 +193,17 @@ routes: [{match: {prefix: /}, cluster: llm}]
     assert [e.id for e in merged.cluster("llm").endpoints] == ["127.0.0.1:8001", "127.0.0.1:8002"]
     assert merged.cluster("other").endpoints == []
     assert skipped == {"llm": ["127.0.0.1:8001"], "other": ["127.0.0.1:8002"]}
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("doc, heading", [(DOCS, "## Endpoint discovery"), (README, "#### Endpoint discovery")])
+def test_the_documented_discovery_config_is_valid(doc: Path, heading: str) -> None:
+    text = doc.read_text().split(heading, 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = load_config_text(block + "routes: [{match: {prefix: /v1/}, cluster: llm}]\n", str(doc))
+    discovery = config.clusters[0].discovery
+    assert discovery is not None and discovery.dns is not None and discovery.dns.record == "SRV"
+    assert discovery.template.kv_events == TemplateKVEvents(5557, 5558)
