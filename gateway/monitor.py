@@ -99,8 +99,8 @@ class EndpointMonitor:
         streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
         self._streaks[endpoint.id] = streak
         if ok and not endpoint.healthy and streak >= healthy_after:
-            endpoint.set_healthy(True)
-            log.info("endpoint %s is healthy again", endpoint.id)
+            endpoint.set_healthy(True)  # a discovered endpoint's first pass, or a comeback
+            log.info("endpoint %s is healthy%s", endpoint.id, " again" if endpoint.stats.health_ejections else "")
         elif not ok and endpoint.healthy and -streak >= unhealthy_after:
             endpoint.set_healthy(False)
             log.warning("endpoint %s failed %d health checks: ejected", endpoint.id, -streak)

@@ -79,6 +79,12 @@ class Generation:
     closed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class DiscoveryApplied:
+    changed: bool  # a new generation was made
+    skipped: list[str]  # discovered ids left out: another endpoint already uses them
+
+
 class ReloadError(Exception):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
@@ -177,25 +183,27 @@ class Generations:
                 "filters_started": [f.name for f in fresh]}
 
     async def set_discovered(self, cluster: str, source: DiscoveryConfig,
-                             endpoints: list[EndpointConfig]) -> list[str] | None:
+                             endpoints: list[EndpointConfig]) -> DiscoveryApplied | None:
         """Make `endpoints` the discovered endpoints of `cluster` (found by a watcher of
-        `source`) in a new generation. None when nothing changed, or when the running config
-        no longer discovers this cluster that way (a stale watcher); else the ids left out
-        because another endpoint already uses them. ConfigError if the result is invalid."""
+        `source`), in a new generation if they changed. None when the running config no
+        longer discovers this cluster that way (a stale watcher). ConfigError if the
+        result is invalid."""
         async with self._lock:
             static, old = self.static, self.current
             assert static is not None and old is not None
             config = next((c for c in static.clusters if c.name == cluster), None)
-            if config is None or config.discovery != source or self.discovered.get(cluster) == endpoints:
+            if config is None or config.discovery != source:
                 return None
             discovered = {**self.discovered, cluster: endpoints}
             merged, skipped = merge_discovered(static, discovered)
+            if self.discovered.get(cluster) == endpoints:
+                return DiscoveryApplied(False, skipped.get(cluster, []))
             plan = plan_gateway(merged, old.plan.filters)
             _, gen, _ = await self._swap(plan, restart_filters=False, unproven=_ids(discovered))
             self.discovered = discovered
             log.info("discovery: cluster %s now has %d endpoints (generation %d)", cluster,
                      len(gen.state.clusters[cluster].endpoints), gen.number)
-            return skipped.get(cluster, [])
+            return DiscoveryApplied(True, skipped.get(cluster, []))
 
     async def _swap(self, plan: GatewayPlan, *, restart_filters: bool = True,
                     unproven: Collection[str] = ()) -> tuple[Generation, Generation, list[Filter]]:

@@ -26,7 +26,7 @@ from gateway.discovery.dns import DnsSource
 from gateway.discovery.endpoints import DiscoveryError, Found
 from gateway.discovery.file import FileSource
 from gateway.metrics import GatewayMetrics
-from gateway.reload import Generations
+from gateway.reload import DiscoveryApplied, Generations
 from kvkernel.decode import ConfigError
 
 log = logging.getLogger("kvgate.discovery")
@@ -76,7 +76,7 @@ class ClusterWatch:
         self._generations = generations
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
-        self._applying: asyncio.Task[list[str] | None] | None = None
+        self._applying: asyncio.Task[DiscoveryApplied | None] | None = None
 
     async def round(self) -> None:
         """Ask the source once and apply what changed; never raises (but cancellation)."""
@@ -85,7 +85,7 @@ class ClusterWatch:
             # A swap is never cut in half: cancelling the watch waits for it (see `close`).
             self._applying = asyncio.ensure_future(
                 self._generations.set_discovered(self.cluster, self.config, found.endpoints))
-            skipped = await asyncio.shield(self._applying)
+            applied = await asyncio.shield(self._applying)
         except (DiscoveryError, ConfigError) as exc:
             self._failed(str(exc))
             return
@@ -97,9 +97,11 @@ class ClusterWatch:
         if status.last_error is not None:
             log.info("discovery of cluster %s answers again (%s)", self.cluster, status.source)
         status.last_resolved_at, status.last_error, status.error_since = now, None, None
-        status.skipped = found.skipped + [f"{ep_id}: id already used by another endpoint" for ep_id in skipped or []]
-        if skipped is not None:
-            status.endpoints = [ep.id for ep in found.endpoints if ep.id not in skipped]
+        if applied is None:  # the config changed under this watcher: its successor reports
+            return
+        status.skipped = found.skipped + [f"{ep_id}: id already used by another endpoint" for ep_id in applied.skipped]
+        status.endpoints = [ep.id for ep in found.endpoints if ep.id not in applied.skipped]
+        if applied.changed:
             status.last_change_at = now
             status.changes += 1
             self._metrics.discovery_changes.labels(self.cluster).inc()

@@ -214,3 +214,31 @@ async def test_a_reload_keeps_the_discovered_endpoints(
     # Discovery gone from the config: so are the discovered endpoints.
     await gateway.reload(discovery_yaml("null", static))
     assert gateway.ids() == ["static-c"] and (await gateway.status())["discovery"] == {}
+
+
+async def test_a_discovered_id_already_used_by_a_static_endpoint_is_skipped_and_shown(
+        tmp_path: Path, gateway: Gateway, backends: dict[str, tuple[FakeBackend, TestServer]]) -> None:
+    (_, a), (_, b) = backends["a"], backends["b"]
+    path = tmp_path / "endpoints.yaml"
+    write_atomically(path, f"- {{id: static-a, url: 'http://127.0.0.1:{b.port}'}}\n- {{url: 'http://127.0.0.1:{b.port}'}}\n")
+    static = f'    endpoints: [{{id: static-a, url: "http://127.0.0.1:{a.port}"}}]'
+    await gateway.start(discovery_yaml(f"{{file: {{path: '{path}', interval: 50ms}}}}", static))
+    assert gateway.ids() == sorted(["static-a", ep_id(b)])
+    assert gateway.cluster.endpoint("static-a").url == f"http://127.0.0.1:{a.port}"  # type: ignore[union-attr]
+    status = (await gateway.status())["discovery"]["llm"]
+    assert status["endpoints"] == [ep_id(b)]
+    assert status["skipped"] == ["static-a: id already used by another endpoint"]
+
+
+async def test_a_new_endpoint_is_probed_at_once_not_after_a_health_interval(
+        tmp_path: Path, gateway: Gateway, backends: dict[str, tuple[FakeBackend, TestServer]]) -> None:
+    """With checks an hour apart, only a probe made when the endpoint appears can admit it."""
+    (_, a), (_, b) = backends["a"], backends["b"]
+    path = tmp_path / "endpoints.json"
+    endpoints_file(path, [{"url": f"http://127.0.0.1:{a.port}"}])
+    text = discovery_yaml(f"{{file: {{path: '{path}', interval: 50ms}}}}").replace("interval: 100ms", "interval: 1h")
+    await gateway.start(text.replace("metrics_interval: 100ms", "metrics_interval: 1h"))
+    assert gateway.cluster.config.health_check.interval == 3600
+    await wait_until(lambda: gateway.healthy() == [ep_id(a)], message="a probed at start")
+    endpoints_file(path, [{"url": f"http://127.0.0.1:{s.port}"} for s in (a, b)])
+    await wait_until(lambda: gateway.healthy() == sorted([ep_id(a), ep_id(b)]), message="b probed when it appeared")
