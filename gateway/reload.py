@@ -169,7 +169,7 @@ class Generations:
             except ConfigError as exc:
                 log.error("reload of %s rejected, the running config stays: %s", self.config_path, exc)
                 raise ReloadError(str(exc), exc.path) from None
-            old, gen, fresh = await self._swap(plan, unproven=_ids(discovered))
+            old, gen, fresh = await self._swap(plan, unproven=_unproven(config, discovered))
             self.static, self.discovered = config, discovered
         for listener in self.reload_listeners:
             await listener(config)
@@ -199,7 +199,7 @@ class Generations:
             if self.discovered.get(cluster) == endpoints:
                 return DiscoveryApplied(False, skipped.get(cluster, []))
             plan = plan_gateway(merged, old.plan.filters)
-            _, gen, _ = await self._swap(plan, restart_filters=False, unproven=_ids(discovered))
+            _, gen, _ = await self._swap(plan, restart_filters=False, unproven=_unproven(static, discovered))
             self.discovered = discovered
             log.info("discovery: cluster %s now has %d endpoints (generation %d)", cluster,
                      len(gen.state.clusters[cluster].endpoints), gen.number)
@@ -319,8 +319,10 @@ class Generations:
         task.add_done_callback(self._tasks.discard)
 
 
-def _ids(discovered: Mapping[str, Sequence[EndpointConfig]]) -> set[str]:
-    return {ep.id for eps in discovered.values() for ep in eps}
+def _unproven(static: GatewayConfig, discovered: Mapping[str, Sequence[EndpointConfig]]) -> set[str]:
+    """The ids of discovered endpoints (a static endpoint with the same id wins: not those)."""
+    written = {ep.id for c in static.clusters for ep in c.endpoints}
+    return {ep.id for eps in discovered.values() for ep in eps} - written
 
 
 def _kept_picker(old: Generation, cluster: str, plan: Any) -> Picker | None:
