@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway import handlers
 from gateway.config import ServerConfig
 from gateway.dashboard import dashboard
+from gateway.discovery.watch import DISCOVERY_KEY
 from gateway.reload import GENERATIONS_KEY, ReloadError
 from gateway.state import STATE_KEY
 from kvkernel.decode import ConfigError
@@ -84,6 +85,8 @@ def create_admin_app(traffic: web.Application) -> web.Application:
     app = web.Application()
     app[STATE_KEY] = state
     app[GENERATIONS_KEY] = traffic[GENERATIONS_KEY]
+    if DISCOVERY_KEY in traffic:
+        app[DISCOVERY_KEY] = traffic[DISCOVERY_KEY]
     add_admin_routes(app, admin_key(state.config.server))
     return app
 

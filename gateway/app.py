@@ -14,6 +14,7 @@ from filters.registry import FilterPlan
 from gateway import admin, handlers
 from gateway.background import BackgroundQueue
 from gateway.config import GatewayConfig
+from gateway.discovery.watch import DISCOVERY_KEY, Discovery
 from gateway.endpoints import ClusterRegistry, build_cluster
 from gateway.hygiene import quiet_client_errors
 from gateway.kv_feed import KVEventFeed
@@ -51,6 +52,8 @@ def create_app(config: GatewayConfig, plans: GatewayPlan | Sequence[FilterPlan] 
     app.cleanup_ctx.append(_filters(generations, plan))
     app.cleanup_ctx.append(_background(state))  # drains before the filters and clients close
     app.cleanup_ctx.append(_kv_feed(state))
+    discovery = app[DISCOVERY_KEY] = Discovery(generations, state.metrics)
+    app.cleanup_ctx.append(_discovery(discovery, config))  # before the monitor: it probes what was found
     app.cleanup_ctx.append(loop_lag_ctx(state.loop_lag))
     app.cleanup_ctx.append(_monitor(generations))
     if multiprocess_dir() is not None:
@@ -108,6 +111,15 @@ def _kv_feed(state: GatewayState):  # type: ignore[no-untyped-def]
         await feed.start()
         yield
         await feed.close()
+
+    return ctx
+
+
+def _discovery(discovery: Discovery, config: GatewayConfig):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await discovery.start(config)  # a first answer of every source, each within its timeout
+        yield
+        await discovery.close()
 
     return ctx
 

@@ -4,7 +4,8 @@ Filter configs are decoded by the filter registry (each filter owns its config
 class); here they stay raw (`FilterSpec.config`). Imports only the leaves
 `kvkernel.decode` and `kvkernel.breaker`, the route configs of `gateway.routes`
 (itself a leaf), and the config classes of `gateway.outlier` and `gateway.admission`
-(themselves importing only the kernel).
+(themselves importing only the kernel), and the leaves `gateway.endpoint_config` and
+`gateway.discovery.config`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from gateway.admission import LimitsConfig
+from gateway.discovery.config import DiscoveryConfig
+from gateway.endpoint_config import EndpointConfig as EndpointConfig  # re-exported, as are the two below
+from gateway.endpoint_config import EndpointKind as EndpointKind
+from gateway.endpoint_config import KVEventsConfig as KVEventsConfig
 from gateway.outlier import OutlierDetectionConfig
 from gateway.routes import RouteConfig, RouteMatch, check_routes  # noqa: F401 - RouteMatch re-exported
 from kvkernel.breaker import CircuitBreakerConfig
 from kvkernel.decode import Bytes, ConfigError, FieldError, Seconds, decode_dataclass, load_yaml
-
-EndpointKind = Literal["mlx", "vllm", "openai"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,58 +115,6 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class KVEventsConfig:
-    """`kv_events:` of an endpoint: the engine's KV-event publisher (vLLM's
-    `--kv-events-config` `endpoint` / `replay_endpoint`, as the gateway reaches them)."""
-
-    endpoint: str  # tcp://host:port of the PUB socket
-    replay_endpoint: str | None = None  # tcp://host:port of the ROUTER replay socket
-    topic: str = ""
-
-    def __post_init__(self) -> None:
-        for name in ("endpoint", "replay_endpoint"):
-            value = getattr(self, name)
-            if value is not None and not _zmq_tcp(value):
-                raise FieldError(name, f"must be tcp://HOST:PORT, got {value!r}")
-
-
-def _zmq_tcp(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return False
-    return parts.scheme == "tcp" and bool(parts.hostname) and port is not None and parts.path in ("", "/")
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    id: str
-    url: str
-    kind: EndpointKind = "vllm"
-    lmcache_instance_id: str | None = None
-    scrape_metrics: bool = True
-    kv_events: KVEventsConfig | None = None
-
-    def __post_init__(self) -> None:
-        if not self.id:
-            raise FieldError("id", "must not be empty")
-        try:
-            parts = urlsplit(self.url)
-            parts.port  # noqa: B018 - raises ValueError for a bad or out-of-range port
-        except ValueError as exc:
-            raise FieldError("url", f"invalid URL {self.url!r}: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FieldError("url", f"must be an http(s) URL with a host, got {self.url!r}")
-        if parts.path not in ("", "/"):
-            raise FieldError("url", f"must not carry a path (the request path is appended), got {self.url!r}")
-
-    @property
-    def base_url(self) -> str:
-        return self.url.rstrip("/")
-
-
-@dataclass(frozen=True, slots=True)
 class BackendAuthConfig:
     """`backend_auth:` of a cluster: a credential the gateway sends to its backends,
     taken from an environment variable (never written in the YAML)."""
@@ -190,7 +140,8 @@ class PickerSpec:
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str
-    endpoints: list[EndpointConfig]
+    endpoints: list[EndpointConfig] = field(default_factory=list)  # static; discovery adds its own
+    discovery: DiscoveryConfig | None = None
     lb_policy: str | None = None  # short form of `picker: {type: NAME}`
     picker: PickerSpec | None = None
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
@@ -205,8 +156,8 @@ class ClusterConfig:
     backend_auth: BackendAuthConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise FieldError("endpoints", "a cluster needs at least one endpoint")
+        if not self.endpoints and self.discovery is None:
+            raise FieldError("endpoints", "a cluster needs at least one endpoint (or a `discovery:` block)")
         if self.metrics_interval <= 0:
             raise FieldError("metrics_interval", "must be > 0")
         if self.max_inflight_per_endpoint is not None and self.max_inflight_per_endpoint < 1:

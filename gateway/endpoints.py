@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import ClusterConfig, EndpointConfig
@@ -29,10 +29,13 @@ class EndpointStats:
 
 
 class Endpoint:
-    """One upstream server. `eligible()` = healthy, not ejected as an outlier, below its
-    in-flight cap, and its breaker admits calls."""
+    """One upstream server. `eligible()` = healthy, not draining (it left the fleet and only
+    finishes its in-flight requests), not ejected as an outlier, below its in-flight cap, and
+    its breaker admits calls. `healthy=False`: unproven until a health check passes (a
+    discovered endpoint); else optimistic until the first check says otherwise."""
 
-    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker, max_inflight: int | None = None) -> None:
+    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker, max_inflight: int | None = None,
+                 healthy: bool = True) -> None:
         self.config = config
         self.id = config.id
         self.url = config.base_url
@@ -40,7 +43,8 @@ class Endpoint:
         self.lmcache_instance_id = config.lmcache_instance_id or config.id
         self.has_event_feed = config.kv_events is not None  # the engine publishes KV events
         self.breaker = breaker
-        self.healthy = True  # optimistic until the first health check says otherwise
+        self.healthy = healthy
+        self.draining = False
         self.inflight = 0
         self.prefill_backlog = 0  # predicted uncached prompt tokens of in-flight requests
         self.load = BackendLoad()
@@ -59,7 +63,7 @@ class Endpoint:
         return int(waiting) if waiting is not None else None
 
     def eligible(self) -> bool:
-        return (self.healthy and not self.outlier.ejected() and self.breaker.available()
+        return (self.healthy and not self.draining and not self.outlier.ejected() and self.breaker.available()
                 and (self.max_inflight is None or self.inflight < self.max_inflight))
 
     def set_healthy(self, healthy: bool) -> None:
@@ -103,10 +107,14 @@ class Cluster:
         return next((e for e in self.endpoints if e.id == endpoint_id), None)
 
 
-def build_cluster(config: ClusterConfig) -> Cluster:
-    endpoints = [Endpoint(ep, config.circuit_breaker.build(f"endpoint:{ep.id}"), config.max_inflight_per_endpoint)
-                 for ep in config.endpoints]
-    return Cluster(config, endpoints)
+def build_endpoint(config: ClusterConfig, endpoint: EndpointConfig, healthy: bool = True) -> Endpoint:
+    return Endpoint(endpoint, config.circuit_breaker.build(f"endpoint:{endpoint.id}"), config.max_inflight_per_endpoint,
+                    healthy)
+
+
+def build_cluster(config: ClusterConfig, unproven: Collection[str] = ()) -> Cluster:
+    """The cluster's endpoints, new; those named in `unproven` start unhealthy (see `Endpoint`)."""
+    return Cluster(config, [build_endpoint(config, ep, ep.id not in unproven) for ep in config.endpoints])
 
 
 class ClusterRegistry:

@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.admission import AdmissionGate
+from gateway.discovery.watch import DISCOVERY_KEY
 from gateway.metrics import render
 from gateway.reload import GENERATIONS_KEY
 from gateway.state import STATE_KEY, GatewayState
@@ -38,12 +39,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """`GET /kvgate/status`: live endpoint state, for operators and tests."""
     state = request.app[STATE_KEY]
+    generations = request.app[GENERATIONS_KEY]
     bg = state.background.stats if state.background else None
+    discovery = request.app.get(DISCOVERY_KEY)
     return web.json_response({
         "inflight": state.inflight,
         "draining": state.draining,
-        "admission": gate.stats() if (gate := request.app[GENERATIONS_KEY].gate) is not None else None,
+        "admission": gate.stats() if (gate := generations.gate) is not None else None,
         "endpoints": [e.snapshot() for e in state.clusters.all_endpoints()],
+        "draining_endpoints": generations.draining.snapshot(),
+        "discovery": discovery.status() if discovery is not None else {},
         "pickers": {name: {"type": p.type_name, "state": p.status()} for name, p in state.pickers.items()},
         "prefix_index": state.prefix_index.stats(),
         "event_loop_lag": state.loop_lag.status(),

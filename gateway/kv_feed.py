@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.endpoint_config import KVEventsConfig
 from gateway.endpoints import Endpoint
 from gateway.prefix_index import PrefixIndex
 from kvproto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
@@ -39,18 +40,23 @@ def apply_batch(index: PrefixIndex, endpoint_id: str, batch: KVEventBatch) -> No
 
 
 class KVEventFeed:
-    """Owns the subscriptions; `start()` and `close()` from the app's cleanup context."""
+    """Owns the subscriptions; `start()` and `close()` from the app's cleanup context,
+    `sync()` whenever the set of endpoints changes (reload, discovery, a drained endpoint)."""
 
     def __init__(self, endpoints: Sequence[Endpoint], index: PrefixIndex) -> None:
         self.index = index
         self.subscribers: dict[str, KVEventSubscriber] = {}
-        for ep in endpoints:
-            cfg = ep.config.kv_events
-            if cfg is None:
-                continue
-            self.subscribers[ep.id] = KVEventSubscriber(
-                cfg.endpoint, cfg.replay_endpoint, topic=cfg.topic,
-                on_batch=self._on_batch(ep.id), on_reset=self._on_reset(ep.id))
+        self._configs: dict[str, KVEventsConfig] = {}
+        self._started = self._closed = False
+        for ep_id, cfg in _wanted(endpoints).items():
+            self._add(ep_id, cfg)
+
+    def _add(self, endpoint_id: str, cfg: KVEventsConfig) -> KVEventSubscriber:
+        sub = self.subscribers[endpoint_id] = KVEventSubscriber(
+            cfg.endpoint, cfg.replay_endpoint, topic=cfg.topic,
+            on_batch=self._on_batch(endpoint_id), on_reset=self._on_reset(endpoint_id))
+        self._configs[endpoint_id] = cfg
+        return sub
 
     def _on_batch(self, endpoint_id: str) -> Callable[[KVEventBatch], None]:
         def on_batch(batch: KVEventBatch) -> None:
@@ -66,16 +72,44 @@ class KVEventFeed:
         return on_reset
 
     async def start(self) -> None:
+        self._started = True
         for sub in self.subscribers.values():
             await sub.start()
 
+    async def sync(self, endpoints: Sequence[Endpoint]) -> None:
+        """Follow exactly the publishers of `endpoints`: a subscription for each new one (or
+        one whose `kv_events:` changed); the others close and their indexed blocks go."""
+        if self._closed:
+            return
+        wanted = _wanted(endpoints)
+        for ep_id in [e for e, cfg in self._configs.items() if wanted.get(e) != cfg]:
+            del self._configs[ep_id]
+            await _close(self.subscribers.pop(ep_id))
+            self.index.cleared(ep_id)
+            log.info("kv events of %s: unsubscribed", ep_id)
+        for ep_id, cfg in wanted.items():
+            if ep_id not in self.subscribers:
+                sub = self._add(ep_id, cfg)
+                if self._started:
+                    await sub.start()
+                log.info("kv events of %s: subscribed to %s", ep_id, cfg.endpoint)
+
     async def close(self) -> None:
+        self._closed = True
         for sub in self.subscribers.values():
-            try:
-                await sub.close()
-            except Exception:  # noqa: BLE001 - closing one must not stop the others
-                log.exception("closing a KV-event subscription failed")
+            await _close(sub)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {ep: {"last_seq": sub.last_seq, **dataclasses.asdict(sub.stats), "blocks": self.index.stored_blocks(ep)}
                 for ep, sub in self.subscribers.items()}
+
+
+def _wanted(endpoints: Sequence[Endpoint]) -> dict[str, KVEventsConfig]:
+    return {ep.id: ep.config.kv_events for ep in endpoints if ep.config.kv_events is not None}
+
+
+async def _close(sub: KVEventSubscriber) -> None:
+    try:
+        await sub.close()
+    except Exception:  # noqa: BLE001 - closing one must not stop the others
+        log.exception("closing a KV-event subscription failed")

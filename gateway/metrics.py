@@ -102,6 +102,14 @@ class GatewayMetrics:
                                     multiprocess_mode="liveall")
         self.loop_lag = Gauge("kvgate_event_loop_lag_seconds", "How late the event loop ran a 100 ms wake-up, "
                               "last sample", registry=r, multiprocess_mode="livemax")
+        self.discovery_changes = Counter("kvgate_discovery_changes", "Changes of a cluster's discovered endpoint "
+                                         "set applied (a new config generation each)", ["cluster"], registry=r)
+        self.discovery_errors = Counter("kvgate_discovery_errors", "Failed discovery rounds (resolver failure, "
+                                        "unreadable or invalid file): the last known endpoints stay", ["cluster"],
+                                        registry=r)
+        self.discovered_endpoints = Gauge("kvgate_discovery_endpoints", "Endpoints the cluster's discovery lists "
+                                          "now", ["cluster"], registry=r, multiprocess_mode="livemax")
+        self._learned_labels: set[tuple[str, str, str]] = set()
         self.background_dropped = Gauge("kvgate_background_dropped", "Background jobs dropped (queue full)",
                                         registry=r, multiprocess_mode="livesum")
 
@@ -148,9 +156,25 @@ class GatewayMetrics:
         self.loop_lag.set(lag.samples[-1] if lag.samples else 0.0)
 
     def refresh_pickers(self, pickers: Mapping[str, Picker]) -> None:
+        """Set what the pickers report; series they no longer report (an endpoint that
+        left, a cluster that went) are removed."""
+        seen: set[tuple[str, str, str]] = set()
         for cluster, picker in pickers.items():
             for endpoint, name, value in picker.gauges():
                 self.picker_learned.labels(cluster, endpoint, name).set(value)
+                seen.add((cluster, endpoint, name))
+        for labels in self._learned_labels - seen:
+            self.picker_learned.remove(*labels)
+        self._learned_labels = seen
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """The endpoint left the fleet: its live gauges go (its counters stay, as counters do)."""
+        for gauge in (self.inflight, self.healthy, self.breaker, self.ejected):
+            try:
+                gauge.remove(endpoint)
+            except KeyError:  # never scraped while it served
+                pass
+        self._ejections_seen.pop(endpoint, None)
 
     def refresh_endpoints(self, clusters: ClusterRegistry) -> None:
         """Copy live endpoint state into gauges (called when /metrics is scraped)."""
@@ -159,6 +183,6 @@ class GatewayMetrics:
             self.healthy.labels(ep.id).set(1 if ep.healthy else 0)
             self.breaker.labels(ep.id).set(_BREAKER_VALUE[ep.breaker.state])
             self.ejected.labels(ep.id).set(1 if ep.outlier.ejected() else 0)
-            seen = self._ejections_seen.get(ep.id, 0)
-            self.ejections.labels(ep.id).inc(ep.outlier.ejections - seen)
+            seen = self._ejections_seen.get(ep.id, 0)  # a rebuilt endpoint (same id) counts from 0 again
+            self.ejections.labels(ep.id).inc(max(0, ep.outlier.ejections - seen))
             self._ejections_seen[ep.id] = ep.outlier.ejections

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Mapping
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,11 +45,19 @@ def parse_backend_load(text: str) -> BackendLoad:
 class EndpointMonitor:
     """Owns one task per cluster that checks health and scrapes load on an interval."""
 
-    def __init__(self, clusters: list[Cluster], http: httpx.AsyncClient) -> None:
+    def __init__(self, clusters: list[Cluster], http: httpx.AsyncClient,
+                 streaks: Mapping[str, int] | None = None) -> None:
+        """`streaks`: a previous monitor's (a reload restarts the monitor over the new clusters)."""
         self._clusters = clusters
         self._http = http
         self._tasks: list[asyncio.Task[None]] = []
-        self._streaks: dict[str, int] = {}  # endpoint id -> +passes / -failures in a row
+        ids = {e.id for c in clusters for e in c.endpoints}
+        # endpoint id -> +passes / -failures in a row
+        self._streaks: dict[str, int] = {k: v for k, v in (streaks or {}).items() if k in ids}
+
+    @property
+    def streaks(self) -> Mapping[str, int]:
+        return self._streaks
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(c), name=f"kvgate-monitor-{c.name}") for c in self._clusters]
@@ -90,8 +99,8 @@ class EndpointMonitor:
         streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
         self._streaks[endpoint.id] = streak
         if ok and not endpoint.healthy and streak >= healthy_after:
-            endpoint.set_healthy(True)
-            log.info("endpoint %s is healthy again", endpoint.id)
+            endpoint.set_healthy(True)  # a discovered endpoint's first pass, or a comeback
+            log.info("endpoint %s is healthy%s", endpoint.id, " again" if endpoint.stats.health_ejections else "")
         elif not ok and endpoint.healthy and -streak >= unhealthy_after:
             endpoint.set_healthy(False)
             log.warning("endpoint %s failed %d health checks: ejected", endpoint.id, -streak)

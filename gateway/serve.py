@@ -64,6 +64,10 @@ def check_config_main(argv: Sequence[str]) -> int:
     endpoints = sum(len(c.endpoints) for c in config.clusters)
     print(f"{args.file}: OK ({len(config.clusters)} clusters, {endpoints} endpoints, "
           f"{len(config.routes)} routes, filters: {', '.join(p.name for p in plans.filters) or 'none'})")
+    for cluster in config.clusters:
+        if cluster.discovery is not None:
+            print(f"  cluster {cluster.name}: endpoints discovered from {cluster.discovery.describe()} "
+                  f"every {cluster.discovery.interval:g}s")
     return 0
 
 

@@ -129,6 +129,9 @@ def _decode_union(tp: Any, value: Any, path: str) -> Any:
     args = get_args(tp)
     if value is None and type(None) in args:
         return None
+    options = [arg for arg in args if arg is not type(None)]
+    if len(options) == 1:  # `X | None`: X's own error, with its full path
+        return decode(options[0], value, path)
     errors = []
     for arg in args:
         if arg is type(None):

@@ -192,7 +192,8 @@ def test_the_configmap_config_passes_the_gateways_check(gateway_config: GatewayC
     names = [f.type for f in gateway_config.filters]
     assert names == ["prompt", "tokenizer", "kvcache", "access-log"]
     assert gateway_config.clusters[0].lb_policy == "cache_aware"
-    assert all(ep.kv_events is not None for c in gateway_config.clusters for ep in c.endpoints)
+    discovery = gateway_config.clusters[0].discovery
+    assert discovery is not None and discovery.template.kv_events is not None  # the engines' KV events
     access_log = gateway_config.filters[-1].config
     assert access_log["path"] == "-", "the access log goes to stdout"
     assert gateway_config.server.host == "0.0.0.0"
@@ -282,21 +283,24 @@ def _flag(args: list[str], name: str) -> str:
     return next(a.split("=", 1)[1] for a in args if a.startswith(f"{name}="))
 
 
-def test_the_config_lists_every_example_vllm_pod(example: list[Resource], gateway_config: GatewayConfig) -> None:
+def test_the_config_discovers_the_example_vllm_pods(example: list[Resource], gateway_config: GatewayConfig) -> None:
+    """The gateway finds every pod of the StatefulSet through its headless Service's SRV
+    records, and subscribes to the ports each pod publishes its KV events on."""
     sts = find(example, "StatefulSet", "vllm")
     headless = find(example, "Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     container = sts["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    expected = {f"{sts['metadata']['name']}-{i}" for i in range(sts["spec"]["replicas"])}
-    endpoints = {ep.id: ep for c in gateway_config.clusters for ep in c.endpoints}
-    assert set(endpoints) == expected
-    for pod, ep in endpoints.items():
-        host = f"{pod}.{headless['metadata']['name']}"
-        assert ep.url == f"http://{host}:{ports['http']}"
-        assert ep.kv_events is not None
-        assert ep.kv_events.endpoint == f"tcp://{host}:{ports['kv-events']}"
-        assert ep.kv_events.replay_endpoint == f"tcp://{host}:{ports['kv-replay']}"
+    service_ports = {p["name"]: p for p in headless["spec"]["ports"]}
+    (cluster,) = gateway_config.clusters
+    assert cluster.endpoints == [] and cluster.discovery is not None
+    dns, template = cluster.discovery.dns, cluster.discovery.template
+    assert dns is not None and dns.record == "SRV" and dns.nameservers is None  # the pod's own resolver
+    port_name, proto, service = dns.name.split(".")
+    assert (proto, service) == ("_tcp", headless["metadata"]["name"])
+    assert service_ports[port_name.lstrip("_")]["targetPort"] == "http"  # SRV gives the pods' vLLM port
+    assert template.kind == "vllm" and template.kv_events is not None
+    assert (template.kv_events.port, template.kv_events.replay_port) == (ports["kv-events"], ports["kv-replay"])
 
 
 def test_vllm_publishes_what_the_gateway_subscribes_to(example: list[Resource], gateway_pod: dict[str, Any]) -> None:

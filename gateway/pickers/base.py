@@ -51,6 +51,10 @@ class Picker:
     def released(self, ctx: RequestContext, endpoint: Endpoint) -> None:
         return None
 
+    def forget(self, endpoint_id: str) -> None:
+        """The endpoint left the fleet (and drained): drop what was learned about it."""
+        return None
+
     def status(self) -> dict[str, Any] | None:
         """What `/kvgate/status` shows of this picker's learned state (None: nothing)."""
         return None

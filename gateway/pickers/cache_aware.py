@@ -243,6 +243,9 @@ class CacheAwarePolicy(Picker):
             uncached = max(0, usage.prompt_tokens - usage.cached_tokens)
         model.speed.observe(uncached, sent.observed_service)
 
+    def forget(self, endpoint_id: str) -> None:
+        self._models.pop(endpoint_id, None)
+
     # ---- what operators see --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
