@@ -127,7 +127,7 @@ def _sim_argv(sim_id: str, port: int, events: tuple[int, int], controller: Contr
                       "--heartbeat-interval", "0.5", "--log-level", "WARNING")
 
 
-def _start_sims(stack: contextlib.ExitStack, shape: FleetShape, controller: ControllerProcess,
+def start_fleet_sims(stack: contextlib.ExitStack, shape: FleetShape, controller: ControllerProcess,
                 log_dir: Path) -> dict[str, Sim]:
     sims: dict[str, Sim] = {}
     procs = []
@@ -181,5 +181,5 @@ def open_fleet(policy: str, shape: FleetShape, log_dir: Path) -> Iterator[Fleet]
     with contextlib.ExitStack() as stack:
         controller = start_mock_controller(log_dir)
         stack.callback(controller.stop)
-        sims = _start_sims(stack, shape, controller, log_dir)
+        sims = start_fleet_sims(stack, shape, controller, log_dir)
         yield _start_router(stack, policy, sims, controller, log_dir, shape.model_dir)
