@@ -10,8 +10,9 @@ seeded streamed requests go through the front. Per (workload, N): hit ratio, cli
 TTFT, requests per backend, errors, and what the replicas' access logs say; the target
 is N > 1 within 5 % of N = 1's hit ratio and TTFT p50 in the same run.
 
-`--policies` names kvgate setups (`kvbench.fleet.KVGATE_SETUPS` or a picker type) to
-compare designs in the same run; each runs at every N.
+`--variants` names designs to compare in the same run (`VARIANTS`: the kvgate setup, the
+sims' flags, the scrape interval; any other name is a kvgate setup or picker type); each
+runs at every N.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import shlex
+import signal
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +34,8 @@ from kvbench import replicas_report
 from kvbench.client import run_workload
 from kvbench.fleet import FleetShape, Sim, gateway_yaml, start_fleet_sims
 from kvbench.front import FRONTS, start_front
-from kvbench.results import PolicyResult, access_log_decisions, backend_requests
+from kvbench.replicas_variants import VARIANTS, Variant, variant
+from kvbench.results import PolicyResult, access_log_decisions, backend_requests, engine_ttft
 from kvbench.workloads import WORKLOADS, Workload, build
 from mlxd.tiny_model import write_model
 from testbed.mock_lmcache.harness import start_mock_controller
@@ -38,13 +43,11 @@ from testbed.procs import HOST, free_ports, start_kvgate
 from testbed.sim_vllm.tokenizer import load_tokenizer
 
 DEFAULT_WORKLOADS = ("burst", "multi-tenant", "skewed", "multi-turn")
-
-
 @dataclass(frozen=True)
 class Options:
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     replicas: tuple[int, ...] = (1, 2, 3)
-    policies: tuple[str, ...] = ("cache_aware",)
+    variants: tuple[str, ...] = ("cache_aware",)
     front: str = "auto"
     requests_scale: float = 1.0
     max_tokens: int = 8
@@ -53,6 +56,7 @@ class Options:
     out: Path = Path(".")
     progress: bool = True
     write_docs: bool = True
+    keep: Path | None = None  # keep every run's logs (access logs, YAML, process logs) here
 
 
 @dataclass(slots=True)
@@ -64,6 +68,7 @@ class ReplicaResult:
     result: PolicyResult
     access_logs: list[Path] = field(default_factory=list)
     log_stats: dict[str, float] = field(default_factory=dict)
+    learned_rates: list[dict[str, float]] = field(default_factory=list)  # per replica: endpoint -> tokens/s
 
 
 @dataclass(slots=True)
@@ -72,18 +77,34 @@ class ReplicaFleet:
     front: str  # the kind used: nginx or aiohttp
     sims: dict[str, str]
     access_logs: list[Path]
+    replicas: list[str] = field(default_factory=list)  # the replicas' base URLs
 
 
-def replica_yaml(policy: str, sims: dict[str, Sim], access_log: Path, controller_url: str,
+def learned_rates(replicas: Sequence[str]) -> list[dict[str, float]]:
+    """Each replica's learned prefill rate (tokens/s) per endpoint, from its /kvgate/status."""
+    rates = []
+    for url in replicas:
+        with urllib.request.urlopen(url + "/kvgate/status", timeout=5) as resp:  # noqa: S310 - loopback only
+            pickers = json.loads(resp.read())["pickers"]
+        rates.append({ep: float(m["prefill_rate_tokens_per_s"]) for p in pickers.values()
+                      for ep, m in (p.get("state") or {}).get("endpoints", {}).items()})
+    return rates
+
+
+def replica_yaml(design: Variant, sims: dict[str, Sim], access_log: Path, controller_url: str,
                  model_dir: str | None) -> str:
     """Every replica's YAML: the routing suite's kvgate config (the port comes from `--port`)."""
-    return gateway_yaml(policy, sims, 0, access_log, controller_url, model_dir)
+    picker_config = f"{{{design.picker_config}}}" if design.picker_config else ""
+    return gateway_yaml(design.setup, sims, 0, access_log, controller_url, model_dir, design.metrics_interval,
+                        picker_config)
 
 
 @contextlib.contextmanager
-def open_replicas(policy: str, n: int, shape: FleetShape, log_dir: Path, front: str = "auto") -> Iterator[ReplicaFleet]:
+def open_replicas(design: Variant, n: int, shape: FleetShape, log_dir: Path,
+                  front: str = "auto") -> Iterator[ReplicaFleet]:
     """Controller, sims, `n` gateway replicas and the front, ready; all stopped on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    shape = replace(shape, sim_args=(*shape.sim_args, *design.sim_args))
     with contextlib.ExitStack() as stack:
         controller = start_mock_controller(log_dir)
         stack.callback(controller.stop)
@@ -93,7 +114,7 @@ def open_replicas(policy: str, n: int, shape: FleetShape, log_dir: Path, front: 
         for i, port in enumerate(ports):
             logs.append(log_dir / f"access-{i}.jsonl")
             config = log_dir / f"gateway-{i}.yaml"
-            config.write_text(replica_yaml(policy, sims, logs[-1], controller.url, shape.model_dir))
+            config.write_text(replica_yaml(design, sims, logs[-1], controller.url, shape.model_dir))
             gateway = start_kvgate(f"gateway-{i}", ["serve", "-c", str(config), "--port", str(port)], log_dir)
             stack.callback(gateway.stop)
             gateways.append((gateway, port))
@@ -103,22 +124,26 @@ def open_replicas(policy: str, n: int, shape: FleetShape, log_dir: Path, front: 
         stack.callback(proc.stop)
         url = f"http://{HOST}:{front_port}"
         proc.wait_http(url + "/readyz")
-        yield ReplicaFleet(url, kind, {sid: sim.url for sid, sim in sims.items()}, logs)
+        yield ReplicaFleet(url, kind, {sid: sim.url for sid, sim in sims.items()}, logs,
+                           [f"http://{HOST}:{p}" for _, p in gateways])
 
 
-def run_one(workload: Workload, policy: str, n: int, opts: Options, work: Path, tick: object = None) -> ReplicaResult:
-    label = f"{n} replica{'s' if n > 1 else ''}" + ("" if policy == "cache_aware" else f" ({policy})")
-    result = PolicyResult(workload.name, f"{policy}@{n}", label)
+def run_one(workload: Workload, name: str, n: int, opts: Options, work: Path, tick: object = None) -> ReplicaResult:
+    """One (workload, variant, N) on a fresh fleet; a fleet that does not start gives a skipped result."""
+    label = f"{n} replica{'s' if n > 1 else ''}" + ("" if name == "cache_aware" else f" ({name})")
+    design = variant(name)
+    result = PolicyResult(workload.name, f"{name}@{n}", label)
     shape = replace(opts.shape, slow_backends=workload.slow_backends)
     on_done = getattr(tick, "update", None)
     front = opts.front
     try:
-        with open_replicas(policy, n, shape, work / workload.name / f"{policy}-{n}", opts.front) as fleet:
+        with open_replicas(design, n, shape, work / workload.name / f"{name}-{n}", opts.front) as fleet:
             front = fleet.front
-            before = backend_requests(fleet.sims)
+            before, ttft_before = backend_requests(fleet.sims), engine_ttft(fleet.sims)
             samples, elapsed = asyncio.run(run_workload(fleet.url, workload, opts.max_tokens,
                                                         (lambda s: on_done(1)) if on_done else (lambda s: None)))
-            after = backend_requests(fleet.sims)
+            after, ttft_after = backend_requests(fleet.sims), engine_ttft(fleet.sims)
+            rates = learned_rates(fleet.replicas)
             logs = fleet.access_logs
     except (RuntimeError, TimeoutError, OSError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
@@ -131,7 +156,10 @@ def run_one(workload: Workload, policy: str, n: int, opts: Options, work: Path, 
         for kind, count in access_log_decisions(path).items():
             merged[kind] = merged.get(kind, 0) + count
     result.decisions = dict(sorted(merged.items(), key=lambda kv: -kv[1]))
-    return ReplicaResult(n, front, result, logs, replicas_report.log_stats(logs))
+    stats = replicas_report.log_stats(logs)
+    count = ttft_after[1] - ttft_before[1]
+    stats["engine_ttft_mean_ms"] = 1000 * (ttft_after[0] - ttft_before[0]) / count if count else float("nan")
+    return ReplicaResult(n, front, result, logs, stats, rates)
 
 
 def _progress(total: int, enabled: bool) -> object:
@@ -145,21 +173,21 @@ def _progress(total: int, enabled: bool) -> object:
 
 
 def run_suite(opts: Options, work: Path) -> list[ReplicaResult]:
-    """Every workload x policy x N on a fresh fleet; the (policy, N) order rotates per workload."""
+    """Every workload x variant x N on a fresh fleet; the (variant, N) order rotates per workload."""
     results: list[ReplicaResult] = []
     model_dir = write_model(work / "model", "tiny", seed=0)
     opts = replace(opts, shape=replace(opts.shape, model_dir=str(model_dir)))
     tokenizer = load_tokenizer(model_dir)
     workloads = [build(name, opts.requests_scale, opts.seed, tokenizer) for name in opts.workloads]
-    runs = [(p, n) for p in opts.policies for n in opts.replicas]
+    runs = [(p, n) for p in opts.variants for n in opts.replicas]
     bar = _progress(sum(len(w.requests) for w in workloads) * len(runs), opts.progress)
     for i, workload in enumerate(workloads):
-        for policy, n in runs[i % len(runs):] + runs[:i % len(runs)]:
+        for name, n in runs[i % len(runs):] + runs[:i % len(runs)]:
             if bar is not None:
-                bar.set_description(f"{workload.name} / {policy} x{n}")  # type: ignore[attr-defined]
+                bar.set_description(f"{workload.name} / {name} x{n}")  # type: ignore[attr-defined]
             else:
-                print(f"{workload.name} / {policy} x{n} ...", file=sys.stderr, flush=True)
-            results.append(run_one(workload, policy, n, opts, work, bar))
+                print(f"{workload.name} / {name} x{n} ...", file=sys.stderr, flush=True)
+            results.append(run_one(workload, name, n, opts, work, bar))
             done = results[-1]
             if done.result.skipped:
                 print(f"{workload.name} x{n}: {done.result.skipped}", file=sys.stderr)
@@ -192,8 +220,10 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--workloads", type=_names, default=d.workloads,
                    help=f"comma-separated (default: {','.join(d.workloads)}; known: {','.join(WORKLOADS)})")
     p.add_argument("--replicas", type=_ints, default=d.replicas, help="comma-separated replica counts (default 1,2,3)")
-    p.add_argument("--policies", type=_names, default=d.policies,
-                   help="comma-separated kvgate setups or picker types (default: cache_aware)")
+    p.add_argument("--variants", type=_names, default=d.variants,
+                   help="comma-separated designs to compare in the same run (default: cache_aware): "
+                        + "; ".join(f"{k}: {v.what}" for k, v in VARIANTS.items())
+                        + "; any other name: a kvgate setup or picker type")
     p.add_argument("--front", choices=FRONTS, default=d.front, help="auto: nginx if installed, else aiohttp")
     p.add_argument("--requests-scale", type=float, default=d.requests_scale)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
@@ -203,21 +233,32 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--prefill-rate", type=float, default=d.shape.prefill_rate, help="fast backends' tokens/s")
     p.add_argument("--out", type=Path, default=d.out, help="directory for replicas.json")
     p.add_argument("--no-docs", action="store_true", help="do not write the markdown section")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep every run's logs here (access logs per replica, YAML, process logs)")
     p.add_argument("--no-progress", action="store_true", help="one line per run instead of a progress bar")
     a = p.parse_args(list(argv))
     unknown = [w for w in a.workloads if w not in WORKLOADS]
     if unknown:
         p.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
     shape = FleetShape(a.backends, 0, a.capacity_blocks, a.prefill_rate)
-    return Options(a.workloads, a.replicas, a.policies, a.front, a.requests_scale, a.max_tokens, a.seed, shape,
-                   a.out, not a.no_progress, not a.no_docs)
+    return Options(a.workloads, a.replicas, a.variants, a.front, a.requests_scale, a.max_tokens, a.seed, shape,
+                   a.out, not a.no_progress, not a.no_docs, a.keep)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every fleet's processes (their own sessions) are stopped."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
+    _exit_on_sigterm()
     command = "kvgate bench -o docs/benchmarks.md replicas " + shlex.join(argv)
     with tempfile.TemporaryDirectory(prefix="kvgate-bench-replicas-") as tmp:
-        results = run_suite(opts, Path(tmp))
+        results = run_suite(opts, opts.keep or Path(tmp))
         text = replicas_report.render(results, opts, command)
         print(text)
         print(f"written: {replicas_report.write_json(results, opts, command, opts.out / 'replicas.json')}")
