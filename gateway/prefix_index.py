@@ -16,9 +16,10 @@ Three kinds of entries, per endpoint:
   kept for `learned_ttl` seconds (what the gateway knows from its own traffic).
 
 When a pending block is stored by its endpoint, the index notes the time: engines
-publish `BlockStored` when they schedule the blocks' prefill, so the first such
-time of a request's blocks is when its prefill started there (`prefill_started`),
-whatever other routers queued ahead of it.
+publish `BlockStored` when they schedule the blocks' prefill, so the time of a
+request's last full block is when its prefill started there (`prefill_started`),
+whatever other routers queued ahead of it. (An engine that prefills in chunks
+stores the last block with the last chunk: the time then covers that chunk only.)
 
 Everything runs on the event loop: no locks. Bounded: at most `max_blocks`
 (key, endpoint) entries of the learned kind; stored entries are bounded by the
@@ -151,11 +152,10 @@ class PrefixIndex:
                 self._learned.popitem(last=False)
 
     def prefill_started(self, endpoint: str, keys: Sequence[int]) -> float | None:
-        """When `endpoint` first stored one of these pending blocks (its prefill was scheduled),
-        None if it stored none of them since they were expected (fully cached, or no events)."""
-        started = self._started
-        times = [t for key in keys if (t := started.get((key, endpoint))) is not None]
-        return min(times) if times else None
+        """When `endpoint` stored the request's last full block since it was expected (the
+        engine scheduled this request's prefill; earlier blocks may have been another
+        request's, sharing the prefix), None if not (fully cached, or no events yet)."""
+        return self._started.get((keys[-1], endpoint)) if keys else None
 
     # ---- lookups -------------------------------------------------------------------------
     def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, int]:

@@ -12,11 +12,12 @@ Rates and overheads are learned per endpoint from the gateway's own observations
 apart; the queue ahead is the endpoint's predicted prefill backlog
 (`ttft_model.PrefillQueue`: work decays as it runs, nothing is held through
 decode), plus the backend's scraped waiting requests the gateway did not send.
-A sample's prefill time runs from when the engine scheduled it (its `BlockStored`
-event for the request's blocks; prefills of 256+ tokens) to the first byte; else from the
-dispatch or the previous first byte, and it is not learned from while the engine's
-gauges show requests this gateway did not send (another replica's prefills would
-be measured as this engine's slowness; `discount_foreign_load`).
+At an engine with a KV-event feed, a sample's prefill time runs from when the engine
+scheduled it (its `BlockStored` event for the request's last block; prefills of 256+
+tokens, else no sample) to the first byte; elsewhere from the dispatch or the previous
+first byte, and not learned from while the engine's gauges show requests this gateway
+did not send (another replica's prefills would be measured as this engine's slowness;
+`discount_foreign_load`).
 The duplicate term charges copying a prefix onto an endpoint that lacks it (it
 evicts others' prefixes there). Lowest score wins; among the candidates within
 `tie_tolerance` of it, a rendezvous hash of the prompt's new prefix decides
@@ -166,11 +167,11 @@ class CacheAwarePolicy(Picker):
         model = self.model(ep.id)
         uncached = max(0, n - reuse)
         now = self._clock()
-        queue = model.ahead(now) + self._foreign_waiting(ep, model)
         # Work this gateway did not send explains an overdue stream as well as a slow engine does:
-        # then the delay counts as queue, not as a slower rate for this request's own prefill.
-        excused = self.config.discount_foreign_load and _foreign_load(ep)
-        spt = model.seconds_per_token(now, overdue_proves=not excused)
+        # then the delay proves nothing about the rate, for the queue nor for this prefill.
+        proves = not (self.config.discount_foreign_load and _foreign_load(ep))
+        queue = model.ahead(now, proves) + self._foreign_waiting(ep, model)
+        spt = model.seconds_per_token(now, proves)
         return _Estimate(ep, reuse, uncached, queue, model.speed.overhead + uncached * spt, spt)
 
     @staticmethod
@@ -223,7 +224,8 @@ class CacheAwarePolicy(Picker):
         estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(endpoint, ctx)
         model = self.model(endpoint.id)
         now = self._clock()
-        predicted_ttft = model.ahead(now) + estimate.service
+        predicted_ttft = model.ahead(now, not (self.config.discount_foreign_load and _foreign_load(endpoint))) \
+            + estimate.service
         end = model.queue.dispatch(estimate.service)
         attempt = ctx[_DISPATCH] = Attempt(endpoint.id, estimate.uncached, estimate.service, predicted_ttft,
                                            now, end, ctx.stream,
@@ -268,8 +270,11 @@ class CacheAwarePolicy(Picker):
         uncached = sent.uncached
         if usage.prompt_tokens is not None and usage.cached_tokens is not None:
             uncached = max(0, usage.prompt_tokens - usage.cached_tokens)
-        if sent.engine_service is not None and uncached >= EVENT_TIMED_MIN_TOKENS:  # no queue inside
-            model.speed.observe(uncached, sent.engine_service)
+        if not self.config.discount_foreign_load:
+            model.speed.observe(uncached, sent.observed_service)
+        elif endpoint.has_event_feed:  # timed by the engine's own event, or not at all: no queue inside
+            if sent.engine_service is not None and uncached >= EVENT_TIMED_MIN_TOKENS:
+                model.speed.observe(uncached, sent.engine_service)
         elif not sent.foreign_load:  # else others' prefills may have run inside the observed time
             model.speed.observe(uncached, sent.observed_service)
 

@@ -174,11 +174,11 @@ class EndpointModel:
     def predict(self, uncached: int, now: float, overdue_proves: bool = True) -> float:
         return self.speed.overhead + max(0, uncached) * self.seconds_per_token(now, overdue_proves)
 
-    def ahead(self, now: float) -> float:
+    def ahead(self, now: float, overdue_proves: bool = True) -> float:
         """Prefill seconds queued ahead of a new request: the booked queue, or, when the
         streams waiting here prove the engine slower, their work at the proven speed."""
         booked = self.queue.ahead(now)
-        if not self.waiting:
+        if not self.waiting or not overdue_proves:
             return booked
         spt = self.seconds_per_token(now)
         proven = sum(self.speed.overhead + a.uncached * spt for a in self.waiting) - self._head_served(now)

@@ -31,13 +31,25 @@ def busy_with_others(ep: Endpoint) -> None:
     ep.load = BackendLoad(num_requests_running=3, num_requests_waiting=2)  # none of them ours
 
 
+def with_events(ep: Endpoint) -> Endpoint:
+    ep.has_event_feed = True
+    return ep
+
+
 def test_the_engine_event_times_the_prefill_without_others_queue() -> None:
     clock = Clock()
-    picker, (a,) = CacheAwarePolicy(clock=clock), fleet("a")
+    picker, a = CacheAwarePolicy(clock=clock), with_events(fleet("a")[0])
     busy_with_others(a)
     for _ in range(12):
         sample(picker, clock, a, queued=0.5, prefill=PROMPT / 4000, event=True)
     assert 3000 < picker.status()["endpoints"]["a"]["prefill_rate_tokens_per_s"] < 5000
+
+
+def test_at_an_engine_with_events_an_untimed_sample_teaches_nothing() -> None:
+    clock = Clock()
+    picker, a = CacheAwarePolicy(clock=clock), with_events(fleet("a")[0])
+    sample(picker, clock, a, queued=0.0, prefill=PROMPT / 4000, event=False)  # fully cached, or events late
+    assert picker.model("a").speed.samples == 0
 
 
 def test_without_an_event_others_load_makes_a_sample_teach_nothing() -> None:
@@ -53,7 +65,8 @@ def test_without_an_event_others_load_makes_a_sample_teach_nothing() -> None:
 
 def test_the_previous_learning_takes_every_delay_for_speed() -> None:
     clock = Clock()
-    picker, (a,) = CacheAwarePolicy(CacheAwareConfig(discount_foreign_load=False), clock=clock), fleet("a")
+    picker = CacheAwarePolicy(CacheAwareConfig(discount_foreign_load=False), clock=clock)
+    a = with_events(fleet("a")[0])
     busy_with_others(a)
     for _ in range(12):
         sample(picker, clock, a, queued=0.5, prefill=PROMPT / 4000, event=True)
@@ -79,19 +92,24 @@ def request_spt(picker: CacheAwarePolicy, ep: Endpoint) -> float:
     return (ctx.scores[ep.id] / 1000 - picker.model(ep.id).ahead(picker._clock())) / PROMPT
 
 
-def test_the_index_notes_when_an_engine_started_a_pending_prefix() -> None:
+def test_the_index_notes_when_an_engine_started_a_pending_prefill() -> None:
+    """Two requests share a 2-block document at `a`, sent together: the first one's prefill
+    stores the document; the second one's starts only when its own last block is stored."""
     clock = Clock()
     index = PrefixIndex(clock=clock)
-    tokens = list(range(5000, 5000 + 96))
-    keys = block_keys(tokens)
-    index.expect("a", keys)
+    doc = list(range(5000, 5032))
+    first, second = block_keys(doc + list(range(1, 65))), block_keys(doc + list(range(100, 164)))
+    index.expect("a", first)
+    index.expect("a", second)
     clock.now = 3.0
-    index.stored("b", [1, 2], None, tokens[:32], 16)  # another engine: not this attempt's
-    assert index.prefill_started("a", keys) is None
+    index.stored("b", [1, 2, 3, 4, 5, 6], None, doc + list(range(1, 65)), 16)  # another engine
+    assert index.prefill_started("a", first) is None
     clock.now = 4.0
-    index.stored("a", [11, 12], None, tokens[:32], 16)
+    index.stored("a", [11, 12, 13, 14, 15, 16], None, doc + list(range(1, 65)), 16)
+    assert index.prefill_started("a", first) == 4.0 and index.prefill_started("a", second) is None
     clock.now = 5.0
-    index.stored("a", [13, 14, 15, 16], 12, tokens[32:96], 16)
-    assert index.prefill_started("a", keys) == 4.0
-    index.settle("a", keys, served=True, learn=False)
-    assert index.prefill_started("a", keys) is None and index.stats()["started_entries"] == 0
+    index.stored("a", [23, 24, 25, 26], 12, list(range(100, 164)), 16)
+    assert index.prefill_started("a", second) == 5.0
+    index.settle("a", first, served=True, learn=False)
+    index.settle("a", second, served=True, learn=False)
+    assert index.prefill_started("a", second) is None and index.stats()["started_entries"] == 0
