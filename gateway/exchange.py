@@ -30,7 +30,7 @@ from gateway.admission import AdmissionGate
 from gateway.endpoints import Cluster, Endpoint
 from gateway.hygiene import TargetError, normalise_target
 from gateway.model_list import list_models
-from gateway.pickers.base import Picker
+from gateway.pickers.base import PREFILL_STARTED, Picker
 from gateway.prefix_index import PrefixIndex
 from gateway.proxy import ForwardPlan, Proxy
 from gateway.routes import Route
@@ -100,6 +100,9 @@ class AttemptAccounting:
 
     def first_byte(self, endpoint: Endpoint) -> None:
         self.served = self.ctx.status is not None and 200 <= self.ctx.status < 300
+        started = self.index.prefill_started(endpoint.id, self.keys)
+        if started is not None:
+            self.ctx[PREFILL_STARTED] = started
         self.picker.first_byte(self.ctx, endpoint)
 
     def released(self, endpoint: Endpoint) -> None:

@@ -15,6 +15,12 @@ Three kinds of entries, per endpoint:
 - **learned**: a prefix an endpoint without an event feed served successfully,
   kept for `learned_ttl` seconds (what the gateway knows from its own traffic).
 
+When a pending block is stored by its endpoint, the index notes the time: engines
+publish `BlockStored` when they schedule the blocks' prefill, so the time of a
+request's last full block is when its prefill started there (`prefill_started`),
+whatever other routers queued ahead of it. (An engine that prefills in chunks
+stores the last block with the last chunk: the time then covers that chunk only.)
+
 Everything runs on the event loop: no locks. Bounded: at most `max_blocks`
 (key, endpoint) entries of the learned kind; stored entries are bounded by the
 engines' own capacities.
@@ -52,6 +58,7 @@ class PrefixIndex:
         self._holders: dict[int, set[str]] = {}  # key -> endpoints holding it (stored kind)
         self._pending: dict[int, dict[str, int]] = {}  # key -> endpoint -> in-flight count
         self._learned: OrderedDict[tuple[int, str], float] = OrderedDict()  # (key, endpoint) -> expiry
+        self._started: dict[tuple[int, str], float] = {}  # pending (key, endpoint) -> when the engine stored it
 
     # ---- engine events -------------------------------------------------------------------
     def stored(self, endpoint: str, engine_hashes: Sequence[object], parent_hash: object | None,
@@ -65,6 +72,7 @@ class PrefixIndex:
         if parent is None:
             return 0
         keys = block_keys(token_ids[:len(engine_hashes) * block_size], block_size, parent)
+        now = self._clock()
         for engine_hash, key in zip(engine_hashes, keys, strict=True):
             parent = key
             if engine_hash in blocks.by_engine_hash:
@@ -72,6 +80,8 @@ class PrefixIndex:
             blocks.by_engine_hash[engine_hash] = parent
             blocks.keys[parent] = blocks.keys.get(parent, 0) + 1
             self._holders.setdefault(parent, set()).add(endpoint)
+            if endpoint in self._pending.get(parent, ()):
+                self._started.setdefault((parent, endpoint), now)
         return len(engine_hashes)
 
     def removed(self, endpoint: str, engine_hashes: Iterable[object]) -> None:
@@ -130,6 +140,7 @@ class PrefixIndex:
                 per[endpoint] = left
             else:
                 per.pop(endpoint, None)
+                self._started.pop((key, endpoint), None)
                 if not per:
                     del self._pending[key]
         if served and learn:
@@ -139,6 +150,12 @@ class PrefixIndex:
                 self._learned.move_to_end((key, endpoint))
             while len(self._learned) > self.max_learned:
                 self._learned.popitem(last=False)
+
+    def prefill_started(self, endpoint: str, keys: Sequence[int]) -> float | None:
+        """When `endpoint` stored the request's last full block since it was expected (the
+        engine scheduled this request's prefill; earlier blocks may have been another
+        request's, sharing the prefix), None if not (fully cached, or no events yet)."""
+        return self._started.get((keys[-1], endpoint)) if keys else None
 
     # ---- lookups -------------------------------------------------------------------------
     def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, int]:
@@ -172,9 +189,10 @@ class PrefixIndex:
         for key in list(self._pending):
             per = self._pending[key]
             per.pop(endpoint, None)
+            self._started.pop((key, endpoint), None)
             if not per:
                 del self._pending[key]
 
     def stats(self) -> dict[str, int]:
         return {"stored_keys": len(self._holders), "pending_keys": len(self._pending),
-                "learned_entries": len(self._learned)}
+                "learned_entries": len(self._learned), "started_entries": len(self._started)}

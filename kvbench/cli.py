@@ -1,4 +1,4 @@
-"""`kvgate bench [-o FILE] {overhead,mlx,routing,cache-round} [options]` — each benchmark
+"""`kvgate bench [-o FILE] {overhead,mlx,routing,cache-round,soak,replicas} [options]` — each benchmark
 lives in its own module; results go to FILE (default: ./benchmarks.md, see kvbench.report)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "routing": "kvbench.routing",
     "cache-round": "kvbench.cache_round",
     "soak": "kvbench.soak",
+    "replicas": "kvbench.replicas",
 }
 HELP = {
     "overhead": "the gateway's added latency and CPU against direct and a bare relay",
@@ -23,6 +24,7 @@ HELP = {
     "routing": "routing policies over simulated vLLM backends",
     "cache-round": "a cache-management round off the event loop",
     "soak": "100k requests through the full chain: RSS, open fds and event-loop lag over time",
+    "replicas": "N gateway replicas behind a round-robin front against one (hit ratio, TTFT)",
 }
 
 

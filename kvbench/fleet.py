@@ -41,6 +41,7 @@ class FleetShape:
     prefill_rate: float = 8000.0  # tokens/s; slow backends run at a tenth
     max_num_seqs: int = 16
     model_dir: str | None = None  # the sims' (and kvgate's local) tokenizer; None: the hash tokenizer
+    sim_args: tuple[str, ...] = ()  # extra `kvgate sim-vllm` flags for every backend
 
 
 @dataclass(slots=True)
@@ -79,9 +80,12 @@ def label(policy: str) -> str:
 
 
 def gateway_yaml(policy: str, sims: dict[str, Sim], port: int, access_log: Path, controller_url: str,
-                 model_dir: str | None = None) -> str:
-    """kvgate's config for `policy`: the cache filters for every policy but the plain baselines."""
+                 model_dir: str | None = None, metrics_interval: str = "500ms", picker_config: str = "") -> str:
+    """kvgate's config for `policy`: the cache filters for every policy but the plain baselines.
+    `picker_config` (a YAML flow mapping) becomes the picker's `config:`."""
     picker, modern = KVGATE_SETUPS.get(policy, (f"picker: {{type: {policy}}}", True))
+    if picker_config:
+        picker = f"picker: {{type: {policy}, config: {picker_config}}}"
     modern = modern and model_dir is not None
     endpoints = "\n".join(f'      - {{id: {sid}, url: "{sim.url}"' + (
         f', kv_events: {{endpoint: "tcp://{HOST}:{sim.events}", replay_endpoint: "tcp://{HOST}:{sim.replay}"}}'
@@ -102,7 +106,7 @@ clusters:
   - name: llm
     {cluster}
     health_check: {{path: /health, interval: 1s, timeout: 1s}}
-    metrics_interval: 500ms
+    metrics_interval: {metrics_interval}
     timeouts: {{connect: 1s, first_byte: 120s}}
     endpoints:
 {endpoints}
@@ -124,10 +128,10 @@ def _sim_argv(sim_id: str, port: int, events: tuple[int, int], controller: Contr
                       "--capacity-blocks", str(shape.capacity_blocks), "--prefill-rate", str(rate),
                       "--max-num-seqs", str(shape.max_num_seqs),
                       "--lmcache-controller", HOST, "--lmcache-ports", json.dumps(controller.ports),
-                      "--heartbeat-interval", "0.5", "--log-level", "WARNING")
+                      "--heartbeat-interval", "0.5", "--log-level", "WARNING", *shape.sim_args)
 
 
-def _start_sims(stack: contextlib.ExitStack, shape: FleetShape, controller: ControllerProcess,
+def start_fleet_sims(stack: contextlib.ExitStack, shape: FleetShape, controller: ControllerProcess,
                 log_dir: Path) -> dict[str, Sim]:
     sims: dict[str, Sim] = {}
     procs = []
@@ -181,5 +185,5 @@ def open_fleet(policy: str, shape: FleetShape, log_dir: Path) -> Iterator[Fleet]
     with contextlib.ExitStack() as stack:
         controller = start_mock_controller(log_dir)
         stack.callback(controller.stop)
-        sims = _start_sims(stack, shape, controller, log_dir)
+        sims = start_fleet_sims(stack, shape, controller, log_dir)
         yield _start_router(stack, policy, sims, controller, log_dir, shape.model_dir)

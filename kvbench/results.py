@@ -19,6 +19,7 @@ from typing import Any
 from kvbench.client import Sample
 
 _SUCCESS = "vllm:request_success_total"
+_TTFT = "vllm:time_to_first_token_seconds"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,6 +39,21 @@ def backend_requests(sims: dict[str, str]) -> dict[str, int]:
         counts[sim_id] = int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                                  if line.startswith(_SUCCESS + "{")))
     return counts
+
+
+def engine_ttft(sims: dict[str, str]) -> tuple[float, int]:
+    """Sum (s) and count of the sims' own time-to-first-token histograms (queue + prefill at
+    the engine, no router or network), over every sim."""
+    total, count = 0.0, 0
+    for url in sims.values():
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310 - loopback only
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith(_TTFT + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(_TTFT + "_count"):
+                count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
 
 
 def access_log_decisions(path: Path | None) -> dict[str, int]:

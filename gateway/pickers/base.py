@@ -14,6 +14,10 @@ from typing import Any, ClassVar
 from gateway.endpoints import Endpoint
 from kvkernel.context import DecisionKind, RequestContext, StateKey
 
+# When the chosen engine started this attempt's prefill (monotonic s), from its KV events;
+# set before `first_byte` when known.
+PREFILL_STARTED: StateKey[float] = StateKey("prefill_started", float)
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:

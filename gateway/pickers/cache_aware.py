@@ -12,8 +12,17 @@ Rates and overheads are learned per endpoint from the gateway's own observations
 apart; the queue ahead is the endpoint's predicted prefill backlog
 (`ttft_model.PrefillQueue`: work decays as it runs, nothing is held through
 decode), plus the backend's scraped waiting requests the gateway did not send.
+At an engine with a KV-event feed, a sample's prefill time runs from when the engine
+scheduled it (its `BlockStored` event for the request's last block; prefills of 256+
+tokens, else no sample) to the first byte; elsewhere from the dispatch or the previous
+first byte, and not learned from while the engine's gauges show requests this gateway
+did not send (another replica's prefills would be measured as this engine's slowness;
+`discount_foreign_load`).
 The duplicate term charges copying a prefix onto an endpoint that lacks it (it
-evicts others' prefixes there). Lowest score wins; ties rotate.
+evicts others' prefixes there). Lowest score wins; among the candidates within
+`tie_tolerance` of it, a rendezvous hash of the prompt's new prefix decides
+(`tie_break.py`: replicas that did not see each other's requests place a new
+prefix on the same engine), or, with `tie_break: rotate`, exact ties rotate.
 
 Before scoring: saturated endpoints (scraped waiting > `max_waiting`, KV usage >
 `max_kv_usage`) are dropped unless all are, and the balance guard drops endpoints
@@ -36,18 +45,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from filters.keys import CACHE_HINTS, matched_tokens, token_ids
+from filters.keys import CACHE_HINTS, matched_tokens, prompt_block_keys, token_ids
 from gateway.endpoints import Endpoint
-from gateway.pickers.base import Choice, Picker
+from gateway.pickers.base import PREFILL_STARTED, Choice, Picker
 from gateway.pickers.cache_aware_config import CacheAwareConfig
 from gateway.pickers.registry import register_picker
+from gateway.pickers.tie_break import near_best, placement_key, rendezvous_pick
 from gateway.pickers.token_scoring import TokenScoring, is_saturated, request_load
 from gateway.pickers.ttft_model import Attempt, EndpointModel
+from kvkernel.blocks import BLOCK_SIZE
 from kvkernel.context import DecisionKind, RequestContext, StateKey
 
 __all__ = ["CacheAwareConfig", "CacheAwarePolicy"]
 
 CHARS_PER_TOKEN = 4  # prompt length estimate when the chain produced no token ids
+# Event-timed samples only for prefills long enough that the event's delivery (a ms or two)
+# is small beside them; shorter ones would teach a near-zero service and a runaway rate.
+EVENT_TIMED_MIN_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -57,6 +71,7 @@ class _Estimate:
     uncached: int
     queue: float
     service: float
+    seconds_per_token: float
 
     @property
     def ttft(self) -> float:
@@ -102,7 +117,7 @@ class CacheAwarePolicy(Picker):
         best_reuse = max(e.reuse for e in estimates.values())
         scored = self._within_slo([estimates[ep.id] for ep in pool], ctx)
         ctx.scores = {e.endpoint.id: round(e.ttft * 1000, 3) for e in scored}
-        chosen = self._lowest(scored, best_reuse)
+        chosen = self._lowest(scored, best_reuse, ctx)
         self._recent.append(chosen.endpoint.id)
         if best_reuse == 0:
             return Choice(chosen.endpoint, DecisionKind.NO_HINT)
@@ -152,8 +167,12 @@ class CacheAwarePolicy(Picker):
         model = self.model(ep.id)
         uncached = max(0, n - reuse)
         now = self._clock()
-        queue = model.ahead(now) + self._foreign_waiting(ep, model)
-        return _Estimate(ep, reuse, uncached, queue, model.predict(uncached, now))
+        # Work this gateway did not send explains an overdue stream as well as a slow engine does:
+        # then the delay proves nothing about the rate, for the queue nor for this prefill.
+        proves = not (self.config.discount_foreign_load and _foreign_load(ep))
+        queue = model.ahead(now, proves) + self._foreign_waiting(ep, model)
+        spt = model.seconds_per_token(now, proves)
+        return _Estimate(ep, reuse, uncached, queue, model.speed.overhead + uncached * spt, spt)
 
     @staticmethod
     def _foreign_waiting(ep: Endpoint, model: EndpointModel) -> float:
@@ -176,17 +195,21 @@ class CacheAwarePolicy(Picker):
             return estimates
         return meeting
 
-    def _lowest(self, estimates: list[_Estimate], best_reuse: int) -> _Estimate:
+    def _lowest(self, estimates: list[_Estimate], best_reuse: int, ctx: RequestContext) -> _Estimate:
         weight = self.config.duplicate_weight
-        now = self._clock()
 
         def score(e: _Estimate) -> float:
             missing = best_reuse - e.reuse
-            dup = weight * missing * self.model(e.endpoint.id).seconds_per_token(now) if missing > 0 else 0.0
+            dup = weight * missing * e.seconds_per_token if missing > 0 else 0.0
             total = e.ttft + dup
             return math.inf if math.isnan(total) else total
 
         scores = [score(e) for e in estimates]
+        cfg = self.config
+        key = placement_key(prompt_block_keys(ctx), best_reuse, BLOCK_SIZE) if cfg.tie_break == "rendezvous" else None
+        if key is not None and len(estimates) > 1:
+            near = [estimates[i] for i in near_best(scores, cfg.tie_tolerance, cfg.tie_tolerance_min)]
+            return rendezvous_pick(near, key, lambda e: e.endpoint.id)
         top = min(scores)
         tied = [e for e, s in zip(estimates, scores, strict=True) if s == top]
         if len(tied) == 1:
@@ -201,10 +224,12 @@ class CacheAwarePolicy(Picker):
         estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(endpoint, ctx)
         model = self.model(endpoint.id)
         now = self._clock()
-        predicted_ttft = model.ahead(now) + estimate.service
+        predicted_ttft = model.ahead(now, not (self.config.discount_foreign_load and _foreign_load(endpoint))) \
+            + estimate.service
         end = model.queue.dispatch(estimate.service)
         attempt = ctx[_DISPATCH] = Attempt(endpoint.id, estimate.uncached, estimate.service, predicted_ttft,
-                                           now, end, ctx.stream)
+                                           now, end, ctx.stream,
+                                           foreign_load=self.config.discount_foreign_load and _foreign_load(endpoint))
         model.dispatch(attempt)
         ctx.log_fields["predicted_ttft_ms"] = round(predicted_ttft * 1000, 3)
 
@@ -222,6 +247,10 @@ class CacheAwarePolicy(Picker):
             queue.leave()
             return
         sent.observed_service = queue.first_byte(sent.predicted_end, sent.dispatched_at)
+        sent.foreign_load = sent.foreign_load or (self.config.discount_foreign_load and _foreign_load(endpoint))
+        started = ctx.get(PREFILL_STARTED) if self.config.discount_foreign_load else None
+        if started is not None and sent.dispatched_at <= started:  # not an earlier attempt's
+            sent.engine_service = self._clock() - started
         actual = self._clock() - sent.dispatched_at
         model.record_error(actual, sent.predicted_ttft)
         ctx.log_fields["ttft_error_ms"] = round((actual - sent.predicted_ttft) * 1000, 3)
@@ -241,7 +270,13 @@ class CacheAwarePolicy(Picker):
         uncached = sent.uncached
         if usage.prompt_tokens is not None and usage.cached_tokens is not None:
             uncached = max(0, usage.prompt_tokens - usage.cached_tokens)
-        model.speed.observe(uncached, sent.observed_service)
+        if not self.config.discount_foreign_load:
+            model.speed.observe(uncached, sent.observed_service)
+        elif endpoint.has_event_feed:  # timed by the engine's own event, or not at all: no queue inside
+            if sent.engine_service is not None and uncached >= EVENT_TIMED_MIN_TOKENS:
+                model.speed.observe(uncached, sent.engine_service)
+        elif not sent.foreign_load:  # else others' prefills may have run inside the observed time
+            model.speed.observe(uncached, sent.observed_service)
 
     def forget(self, endpoint_id: str) -> None:
         self._models.pop(endpoint_id, None)
@@ -265,6 +300,13 @@ class CacheAwarePolicy(Picker):
             out += [(ep, "prefill_rate_tokens_per_second", m.speed.rate), (ep, "overhead_seconds", m.speed.overhead),
                     (ep, "queue_seconds", m.ahead(self._clock())), (ep, "ttft_abs_error_seconds", m.abs_error)]
         return out
+
+
+def _foreign_load(ep: Endpoint) -> bool:
+    """The engine's last scrape shows more requests running or waiting than this gateway has in
+    flight there (another replica's, direct clients')."""
+    load = ep.load
+    return (load.num_requests_running or 0) + (load.num_requests_waiting or 0) > ep.inflight
 
 
 def _prompt_tokens(ctx: RequestContext) -> int:

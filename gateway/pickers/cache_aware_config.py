@@ -35,6 +35,18 @@ class CacheAwareConfig:
     # request at that endpoint waits behind it (and the copy evicts others' prefixes there).
     duplicate_weight: float = 1.0
     slo_header: str = "x-kvgate-ttft-slo-ms"  # per-request TTFT objective, in ms
+    # Among candidates scored within max(tie_tolerance x best, tie_tolerance_min) of the best:
+    # "rendezvous" picks by a hash of the prompt's new prefix, the same on every replica
+    # (gateway/pickers/tie_break.py); "rotate" takes exact ties in turn (one replica's habit).
+    tie_break: Literal["rendezvous", "rotate"] = "rendezvous"
+    tie_tolerance: float = 0.1
+    tie_tolerance_min: Seconds = 0.002
+    # Delays from work this gateway did not send (another replica's, direct clients') are not
+    # taken for a slower engine: a sample's prefill time starts at the engine's KV event that
+    # scheduled it; without one, and while the engine's scraped gauges show such work, the
+    # sample is not learned from and an overdue stream does not raise the rate for new
+    # predictions. False: every delay after dispatch is the engine's speed.
+    discount_foreign_load: bool = True
 
     def __post_init__(self) -> None:
         for name in ("cache_weight", "load_weight", "duplicate_weight"):
@@ -58,5 +70,9 @@ class CacheAwareConfig:
             raise FieldError("max_share", f"must be 0 (off) or >= 1, got {self.max_share}")
         if self.share_window < 2:
             raise FieldError("share_window", f"must be >= 2, got {self.share_window}")
+        if not 0 <= self.tie_tolerance <= 1:
+            raise FieldError("tie_tolerance", f"must be in [0, 1] (of the best score), got {self.tie_tolerance}")
+        if not 0 <= self.tie_tolerance_min < 1:
+            raise FieldError("tie_tolerance_min", f"must be in [0, 1s), got {self.tie_tolerance_min}")
         if not self.slo_header:
             raise FieldError("slo_header", "must name a header")

@@ -138,6 +138,8 @@ class Attempt:
     stream: bool
     first_byte_seen: bool = False
     observed_service: float | None = None  # streams only
+    foreign_load: bool = False  # the engine showed load this gateway did not send (at dispatch or first byte)
+    engine_service: float | None = None  # prefill start (the engine's KV event) -> first byte
 
 
 class EndpointModel:
@@ -158,23 +160,25 @@ class EndpointModel:
         dispatch or at the previous first byte, whichever came later). Needs `waiting`."""
         return now - max(self.waiting[0].dispatched_at, self.queue.last_first_byte)
 
-    def seconds_per_token(self, now: float) -> float:
-        """The learned time per token, raised to what the oldest overdue stream proves."""
+    def seconds_per_token(self, now: float, overdue_proves: bool = True) -> float:
+        """The learned time per token, raised to what the oldest overdue stream proves (unless
+        `overdue_proves` is False: the engine is busy with work this gateway did not send, e.g.
+        another replica's, which explains the delay as well as a slower engine would)."""
         spt = self.speed.seconds_per_token
-        if self.waiting:
+        if self.waiting and overdue_proves:
             head, served = self.waiting[0], self._head_served(now)
             if head.uncached > 0 and served > head.service:
                 spt = max(spt, (served - self.speed.overhead) / head.uncached)
         return spt
 
-    def predict(self, uncached: int, now: float) -> float:
-        return self.speed.overhead + max(0, uncached) * self.seconds_per_token(now)
+    def predict(self, uncached: int, now: float, overdue_proves: bool = True) -> float:
+        return self.speed.overhead + max(0, uncached) * self.seconds_per_token(now, overdue_proves)
 
-    def ahead(self, now: float) -> float:
+    def ahead(self, now: float, overdue_proves: bool = True) -> float:
         """Prefill seconds queued ahead of a new request: the booked queue, or, when the
         streams waiting here prove the engine slower, their work at the proven speed."""
         booked = self.queue.ahead(now)
-        if not self.waiting:
+        if not self.waiting or not overdue_proves:
             return booked
         spt = self.seconds_per_token(now)
         proven = sum(self.speed.overhead + a.uncached * spt for a in self.waiting) - self._head_served(now)

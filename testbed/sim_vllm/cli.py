@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch-penalty", type=float, default=DEFAULTS.decode_batch_penalty,
                    help="TPOT grows by this fraction per extra running sequence")
     p.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len)
+    p.add_argument("--queued-prefill-gauge", choices=("waiting", "running"), default="waiting",
+                   help="where a request queued for prefill counts: num_requests_waiting (as vLLM until it "
+                        "schedules the request) or num_requests_running")
     p.add_argument("--lmcache-controller", metavar="HOST", help="LMCache controller host to report chunks to")
     p.add_argument("--lmcache-ports", metavar="JSON",
                    help='controller monitor ports: {"pull":P,"reply":R,"heartbeat":H}')
@@ -88,7 +91,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
                           max_num_seqs=args.max_num_seqs, prefill_slots=args.prefill_slots,
                           prefill_rate=args.prefill_rate, decode_rate=args.decode_rate,
                           decompress_rate=args.decompress_rate, base_latency=args.base_latency_ms / 1000,
-                          max_model_len=args.max_model_len, decode_batch_penalty=args.decode_batch_penalty)
+                          max_model_len=args.max_model_len, decode_batch_penalty=args.decode_batch_penalty,
+                          waiting_until_prefill=args.queued_prefill_gauge == "waiting")
     controller = _controller(args)
     events_config = kv_events_config(args, args.host)
     sink = ChunkSink()

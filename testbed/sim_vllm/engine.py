@@ -2,10 +2,13 @@
 
 Timing model (all rates are flags, see `EngineConfig`):
 
-- A request waits for one of `max_num_seqs` sequence slots (FIFO); while it
-  waits it counts in `num_requests_waiting`, afterwards in `num_requests_running`.
-- Prefill runs in one of `prefill_slots` slots (default 1: prefill is
-  compute-bound, so concurrent prefills queue). Inside the slot the prefix cache
+- A request waits for one of `max_num_seqs` sequence slots (FIFO), then for one
+  of `prefill_slots` prefill slots (default 1: prefill is compute-bound, so
+  concurrent prefills queue). Until its prefill starts it counts in
+  `num_requests_waiting` (vLLM's scheduler keeps a request waiting until it
+  schedules its first tokens), afterwards in `num_requests_running`, so another
+  router's queued prefills show in the gauge (`waiting_until_prefill=False`:
+  running from its sequence slot on, the count before). Inside the slot the prefix cache
   is consulted and the prompt's missing full blocks are added to it at once (as
   vLLM caches blocks when it schedules their computation: this is when their KV
   events are published), then the engine sleeps `base_latency + uncached /
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from testbed.sim_vllm.cache import Lease, PrefixCache
@@ -48,6 +51,10 @@ class EngineConfig:
     base_latency: float = 0.0  # s added to every prefill
     decode_batch_penalty: float = 0.05  # TPOT growth per extra running sequence, see tpot()
     max_model_len: int = 8192
+    # True: a request counts as waiting until its prefill starts (vLLM when its token budget
+    # holds one prefill at a time); False: from when it gets a sequence slot (a budget that
+    # schedules every admitted prefill at once, sharing the compute).
+    waiting_until_prefill: bool = True
 
     def __post_init__(self) -> None:
         for name in ("capacity_blocks", "max_num_seqs", "prefill_slots", "max_model_len"):
@@ -135,15 +142,26 @@ class Engine:
         self.stats.waiting += 1
         try:
             await self._seq_slots.acquire()
-        finally:
+        except BaseException:
             self.stats.waiting -= 1
-        self.stats.running += 1
+            raise
         result.queued_s = loop.time() - start
         private = -(-(len(prompt) + max_tokens) // self.cache.block_size)
         self._private_blocks += private
         lease = None
+        scheduled = False
+
+        def schedule() -> None:  # waiting -> running, once
+            nonlocal scheduled
+            if not scheduled:
+                scheduled = True
+                self.stats.waiting -= 1
+                self.stats.running += 1
+
+        if not self.config.waiting_until_prefill:
+            schedule()
         try:
-            lease = await self._prefill(prompt, result)
+            lease = await self._prefill(prompt, result, schedule)
             # The prompt blocks now in the cache count as referenced blocks; keep
             # only the rest (partial tail block, output) private, or they count twice.
             shared = min(private, len(lease.hashes))
@@ -166,12 +184,16 @@ class Engine:
             self._private_blocks -= private
             if lease is not None:
                 self.cache.release(lease)
-            self.stats.running -= 1
+            if scheduled:
+                self.stats.running -= 1
+            else:
+                self.stats.waiting -= 1
             self._seq_slots.release()
 
-    async def _prefill(self, prompt: Sequence[int], result: RequestResult) -> Lease:
+    async def _prefill(self, prompt: Sequence[int], result: RequestResult, schedule: Callable[[], None]) -> Lease:
         hashes = self.cache.block_hashes(prompt)
         async with self._prefill_slots:
+            schedule()
             lease = self.cache.acquire(hashes, len(prompt))
             created: list[int] = []
             try:

@@ -104,3 +104,22 @@ async def test_a_cancelled_request_frees_its_slot_and_blocks() -> None:
     assert engine.kv_cache_usage() == 0
     result, _ = await _run(engine, list(range(64)), 1)
     assert result.queued_s < 0.05 and result.cached_tokens == 48
+
+
+async def test_a_request_queued_for_prefill_counts_as_waiting_until_its_prefill_starts() -> None:
+    """As in vLLM: another router sees the queued prefills in num_requests_waiting."""
+    engine = _engine(max_num_seqs=4, prefill_slots=1, prefill_rate=2_000.0)
+    prompts = [list(range(i * 5000, i * 5000 + 1000)) for i in range(3)]  # 0.5 s of prefill each
+    tasks = [asyncio.create_task(_run(engine, p, 1)) for p in prompts]
+    await _until(lambda: engine.stats.running == 1)
+    assert engine.stats.waiting == 2  # holding sequence slots, queued behind the prefill
+    await asyncio.gather(*tasks)
+    assert engine.stats.running == engine.stats.waiting == 0
+
+
+async def test_the_previous_gauge_counts_a_queued_prefill_as_running() -> None:
+    engine = _engine(max_num_seqs=4, prefill_slots=1, prefill_rate=2_000.0, waiting_until_prefill=False)
+    tasks = [asyncio.create_task(_run(engine, list(range(i * 5000, i * 5000 + 1000)), 1)) for i in range(3)]
+    await _until(lambda: engine.stats.running == 3)
+    assert engine.stats.waiting == 0
+    await asyncio.gather(*tasks)
