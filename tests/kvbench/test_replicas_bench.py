@@ -4,12 +4,13 @@ it completes, answers every request, and writes its table and section; never tim
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from kvbench import replicas
-from kvbench.front import nginx_config
+from kvbench.front import nginx_binary, nginx_config
 from kvbench.report import OUTPUT_ENV
 from kvbench.workloads import build
 
@@ -45,3 +46,18 @@ def test_nginx_config_round_robins_unbuffered_on_loopback(tmp_path: Path) -> Non
                  "keepalive 64;", f"pid {tmp_path / 'nginx.pid'};"):
         assert line in conf
     assert "/var/" not in conf
+
+
+@pytest.mark.skipif(nginx_binary() is None and not os.environ.get("KVGATE_REQUIRE_NGINX"),
+                    reason="nginx is not installed (CI installs nginx-light and sets KVGATE_REQUIRE_NGINX)")
+def test_tiny_replicas_run_through_a_real_nginx_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generated nginx config really serves: streamed requests through nginx reach both replicas."""
+    monkeypatch.setenv(OUTPUT_ENV, str(tmp_path / "benchmarks.md"))
+    argv = ["--workloads", "burst", "--replicas", "2", "--front", "nginx", "--requests-scale", "0.05",
+            "--out", str(tmp_path), "--no-progress"]
+    assert replicas.main(argv) == 0
+    (result,) = json.loads((tmp_path / "replicas.json").read_text())["results"]
+    expected = len(build("burst", 0.05).requests)
+    assert result["front"] == "nginx" and result["errors"] == 0 and result["requests"] == expected
+    stats = result["log_stats"]
+    assert stats["replica_0"] + stats["replica_1"] == expected and min(stats["replica_0"], stats["replica_1"]) > 0
