@@ -246,8 +246,11 @@ class Exchange:
         if not request.body_exists:
             return None
         try:
-            async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+            if request.content.is_eof():  # it all came with the head: reading waits on nothing
                 ctx.body = await request.read()
+            else:
+                async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+                    ctx.body = await request.read()
         except TimeoutError:
             return error_reply(408, "request body not received in time", code="body_timeout",
                                headers={"Connection": "close"})
