@@ -336,20 +336,27 @@ class Proxy:
                             upstream: aiohttp.ClientResponse, response: web.StreamResponse, backlog: PrefillBacklog,
                             strip: UsageChunkStripper | None, watch: IdleWatch | None) -> bytes:
         """Body chunks as they arrive, each noted by the stream's `watch` (if any). Returns
-        the body's tail (for its `usage`)."""
-        tail = b""
+        the body's last `_TAIL_BYTES` (for its `usage`)."""
+        # The tail's chunks, joined and cut only once they hold twice what is kept: a long
+        # stream's bytes are copied about twice, not `_TAIL_BYTES` per chunk.
+        tail: list[bytes] = []
+        kept = 0
         content = upstream.content
         while True:
             chunk = await content.readany()
             if watch is not None:
                 watch.touch()
             if not chunk:
-                return tail
+                return b"".join(tail)[-_TAIL_BYTES:]
             if ctx.ttfb_ms is None:
                 ctx.ttfb_ms = ctx.elapsed_ms()
                 backlog.release()  # the first byte means prefill is done
                 plan.on_first_byte(endpoint)
-            tail = (tail + chunk)[-_TAIL_BYTES:]
+            tail.append(chunk)
+            kept += len(chunk)
+            if kept > 2 * _TAIL_BYTES:
+                tail = [b"".join(tail)[-_TAIL_BYTES:]]
+                kept = _TAIL_BYTES
             if strip is not None and not (chunk := strip.feed(chunk)):
                 continue  # an incomplete event, or the dropped usage chunk
             await response.write(chunk)

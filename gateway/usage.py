@@ -66,10 +66,14 @@ def _clean(event: bytes) -> bytes:
     return event
 
 
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
 def _boundary(data: bytes) -> int:
     """The end of the last complete event in `data` (0 if none)."""
-    ends = [data.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if sep in data]
-    return max(ends, default=0)
+    if data.endswith(_SEPARATORS):  # the usual read: whole events
+        return len(data)
+    return max((data.rfind(sep) + len(sep) for sep in _SEPARATORS if sep in data), default=0)
 
 
 class UsageChunkStripper:
@@ -84,7 +88,10 @@ class UsageChunkStripper:
     def feed(self, chunk: bytes) -> bytes:
         data = self.pending + chunk if self.pending else chunk
         cut = _boundary(data)
-        complete, self.pending = data[:cut], data[cut:]
+        if cut == len(data):  # no partial event to hold back: no copies
+            complete, self.pending = data, b""
+        else:
+            complete, self.pending = data[:cut], data[cut:]
         if b'"usage"' not in complete:
             return complete
         out = []
