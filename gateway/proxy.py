@@ -184,7 +184,7 @@ class UpstreamFailure(Exception):
         self.verdict = verdict
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, so it is built without object.__setattr__
 class ForwardPlan:
     """What the exchange gives the proxy for one request."""
 
