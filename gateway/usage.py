@@ -76,6 +76,14 @@ def _boundary(data: bytes) -> int:
     return max((data.rfind(sep) + len(sep) for sep in _SEPARATORS if sep in data), default=0)
 
 
+def _events(data: bytes) -> list[bytes]:
+    """Whole events, each with its blank line. Without a `\r` only `\n\n` ends an event:
+    a split, not the regex's scan of every byte (the same events)."""
+    if b"\r" in data:
+        return [match.group() for match in _EVENT.finditer(data)]
+    return [part + b"\n\n" for part in data.split(b"\n\n")[:-1]]
+
+
 class UsageChunkStripper:
     """Feed upstream bytes, write what `feed` returns, then what `flush` returns."""
 
@@ -95,8 +103,8 @@ class UsageChunkStripper:
         if b'"usage"' not in complete:
             return complete
         out = []
-        for match in _EVENT.finditer(complete):
-            cleaned = _clean(match.group())
+        for event in _events(complete):
+            cleaned = _clean(event)
             self.stripped += not cleaned
             out.append(cleaned)
         return b"".join(out)
