@@ -160,8 +160,8 @@ class TokenizerFilter(Filter):
             self._found(ctx, list(first), "request")
             return CONTINUE
         options = engine_options(ctx.json, prompt.kind)
-        key = cache_key(prompt, options)
-        cached = self.cache.get(key)
+        key = cache_key(prompt, options) if self.cache.enabled else None  # no key for a cache that is off
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None:
             self._found(ctx, cached, "cache")
             return CONTINUE
@@ -176,7 +176,8 @@ class TokenizerFilter(Filter):
             self._failed(ctx, "error", f"{type(exc).__name__}: {exc}")
             return CONTINUE
         self.metrics.second(self.name, self.backend.source).observe(time.perf_counter() - started)
-        self.cache.put(key, ids)
+        if key is not None:
+            self.cache.put(key, ids)
         self._found(ctx, ids, self.backend.source)
         return CONTINUE
 
