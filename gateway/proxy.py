@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -144,7 +145,9 @@ class IdleWatch:
     """A stream's idle timeout with one timer, not one per chunk: `touch()` on each chunk
     only notes the time; the timer, armed for the last chunk's time + `idle`, re-arms
     itself when a chunk came meanwhile, and otherwise expires `budget` (an entered
-    `asyncio.timeout(None)`, which then raises TimeoutError at its exit)."""
+    `asyncio.timeout(None)`, which then raises TimeoutError at its exit). Only waiting
+    for the upstream counts: between `writing()` and the next `touch()` (a write to a
+    slow client) the stream is not idle."""
 
     __slots__ = ("_loop", "_budget", "_idle", "_last", "_handle")
 
@@ -156,10 +159,13 @@ class IdleWatch:
     def touch(self) -> None:
         self._last = self._loop.time()
 
+    def writing(self) -> None:
+        self._last = math.inf
+
     def _check(self) -> None:
         due, now = self._last + self._idle, self._loop.time()
-        if now < due:
-            self._handle = self._loop.call_at(due, self._check)
+        if now < due:  # a chunk came (or a write is under way: look again in `idle`)
+            self._handle = self._loop.call_at(min(due, now + self._idle), self._check)
             return
         self._handle = None
         self._budget.reschedule(now)  # due now: cancels the relay, TimeoutError at the budget's exit
@@ -359,7 +365,12 @@ class Proxy:
                 kept = _TAIL_BYTES
             if strip is not None and not (chunk := strip.feed(chunk)):
                 continue  # an incomplete event, or the dropped usage chunk
-            await response.write(chunk)
+            if watch is None:
+                await response.write(chunk)
+            else:  # the idle clock measures the upstream's silence, not the client's reading
+                watch.writing()
+                await response.write(chunk)
+                watch.touch()
             ctx.bytes_out += len(chunk)
 
     async def _broken(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,

@@ -125,3 +125,19 @@ def test_an_idle_watch_cancels_its_timer_when_the_stream_ends() -> None:
     clock = _Clock()
     IdleWatch(clock, _Budget(), 10.0).cancel()  # type: ignore[arg-type]
     assert [t.cancelled for t in clock.timers] == [True]
+
+
+def test_an_idle_watch_does_not_count_a_write_to_a_slow_client() -> None:
+    clock, budget = _Clock(), _Budget()
+    watch = IdleWatch(clock, budget, 10.0)  # type: ignore[arg-type]
+    clock.now = 1.0
+    watch.writing()  # the client reads slowly: the write waits
+    clock.fire()  # at 10: still writing, not idle; look again in 10 s
+    assert budget.expired_at is None and clock.timers[-1].when == 20.0
+    clock.now = 15.0
+    watch.touch()  # the write is done: from now on the upstream's silence counts
+    clock.fire()  # at 20: a chunk 5 s ago
+    assert budget.expired_at is None and clock.timers[-1].when == 25.0
+    clock.fire()
+    assert budget.expired_at == 25.0
+
