@@ -7,7 +7,9 @@ rejects a chain in which a key is consumed before any filter produced it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from kvkernel.blocks import block_keys
@@ -83,10 +85,18 @@ def token_ids(ctx: RequestContext) -> list[int] | None:
     return tokens.ids if tokens is not None else None
 
 
+_NO_MATCHES: Mapping[str, int] = MappingProxyType({})
+
+
+def hinted_matches(ctx: RequestContext) -> Mapping[str, int]:
+    """Prefix tokens the cache hints credit each endpoint id with (empty without hints)."""
+    hints = ctx.get(CACHE_HINTS)
+    return hints.matched_tokens if hints is not None else _NO_MATCHES
+
+
 def matched_tokens(ctx: RequestContext, endpoint_id: str) -> int:
     """Prefix tokens the cache hints credit `endpoint_id` with (0 without hints)."""
-    hints = ctx.get(CACHE_HINTS)
-    return hints.matched_tokens.get(endpoint_id, 0) if hints is not None else 0
+    return hinted_matches(ctx).get(endpoint_id, 0)
 
 
 def preferred_endpoint(ctx: RequestContext) -> str | None:

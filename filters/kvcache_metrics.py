@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvkernel.breaker import BreakerState
+from kvkernel.metric_children import Children
 
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _LOOKUP_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0)
@@ -49,11 +50,14 @@ def _collectors(registry: CollectorRegistry) -> dict[str, Any]:
 class KVCacheMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self._c = _collectors(registry) if registry is not None else None
+        # Counted on every request: their children are looked up once per label values.
+        self._decisions = Children(self._c["decisions"]) if self._c is not None else None
+        self._routing = Children(self._c["routing"]) if self._c is not None else None
 
     def decision(self, tier: str, reason: str, decision: str | None) -> None:
-        if self._c is not None:
-            self._c["decisions"].labels(tier, reason).inc()
-            self._c["routing"].labels(decision or "-").inc()
+        if self._decisions is not None and self._routing is not None:
+            self._decisions(tier, reason).inc()
+            self._routing(decision or "-").inc()
 
     def lookup(self, outcome: str, seconds: float) -> None:
         if self._c is not None:

@@ -222,6 +222,10 @@ class TokenCache:
         self._cache: TTLCache[Hashable, array[int]] | None = (
             TTLCache(maxsize=max_bytes, ttl=ttl, timer=clock, getsizeof=_nbytes) if max_size > 0 else None)
 
+    @property
+    def enabled(self) -> bool:
+        return self._cache is not None
+
     def get(self, key: Hashable) -> list[int] | None:
         if self._cache is None:
             return None

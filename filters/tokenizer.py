@@ -43,6 +43,7 @@ from filters.tokenization import (
 from kvkernel.breaker import BreakerState
 from kvkernel.context import RequestContext
 from kvkernel.decode import Bytes, FieldError, Seconds
+from kvkernel.metric_children import Children
 from kvkernel.resilience import BreakerSettings, RetrySettings
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ class TokenizerMetrics:
                                "Backend tokenize time (cache misses)", ["filter", "backend"])
         self.breaker = _metric(registry, Gauge, "kvgate_tokenizer_breaker_state",
                                "Remote tokenizer breaker: 0 closed, 1 half-open, 2 open", ["filter"])
+        # Per request: children looked up once per (filter, source or backend).
+        self.result = Children(self.results)
+        self.second = Children(self.seconds)
 
 
 @register("tokenizer")
@@ -156,8 +160,8 @@ class TokenizerFilter(Filter):
             self._found(ctx, list(first), "request")
             return CONTINUE
         options = engine_options(ctx.json, prompt.kind)
-        key = cache_key(prompt, options)
-        cached = self.cache.get(key)
+        key = cache_key(prompt, options) if self.cache.enabled else None  # no key for a cache that is off
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None:
             self._found(ctx, cached, "cache")
             return CONTINUE
@@ -171,14 +175,15 @@ class TokenizerFilter(Filter):
             log.exception("tokenizer %s: unexpected error", self.name)
             self._failed(ctx, "error", f"{type(exc).__name__}: {exc}")
             return CONTINUE
-        self.metrics.seconds.labels(self.name, self.backend.source).observe(time.perf_counter() - started)
-        self.cache.put(key, ids)
+        self.metrics.second(self.name, self.backend.source).observe(time.perf_counter() - started)
+        if key is not None:
+            self.cache.put(key, ids)
         self._found(ctx, ids, self.backend.source)
         return CONTINUE
 
     def _found(self, ctx: RequestContext, ids: list[int], source: str) -> None:
         ctx[TOKENS] = Tokens(ids, source)
-        self.metrics.results.labels(self.name, source).inc()
+        self.metrics.result(self.name, source).inc()
 
     def _failed(self, ctx: RequestContext, reason: str, message: str) -> None:
         self.metrics.failures.labels(self.name, reason).inc()

@@ -66,9 +66,15 @@ class AdmissionGate:
     def stats(self) -> dict[str, int | None]:
         return {"active": self.active, "limit": self.limit, "queued": self.queued, "rejected": self.rejected}
 
-    async def enter(self) -> bool:
+    def try_enter(self) -> bool:
+        """Admitted at once (a free slot, nobody waiting), without awaiting anything?"""
         if self.limit is None or (self.active < self.limit and not self._waiters):
             self.active += 1
+            return True
+        return False
+
+    async def enter(self) -> bool:
+        if self.try_enter():
             return True
         if len(self._waiters) >= self.max_queue:
             self.rejected += 1

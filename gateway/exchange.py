@@ -81,6 +81,22 @@ def predicted_uncached(ctx: RequestContext, endpoint: Endpoint) -> int:
     return max(0, len(ids) - matched_tokens(ctx, endpoint.id))
 
 
+def _nothing_uncached(endpoint: Endpoint) -> int:
+    return 0  # no token ids: no predicted prefill
+
+
+_FOLLOWS: dict[type[Picker], bool] = {}
+
+
+def follows_attempts(picker: type[Picker]) -> bool:
+    """Does this picker class act on an attempt's lifecycle (the base class's hooks do nothing)?"""
+    found = _FOLLOWS.get(picker)
+    if found is None:
+        found = _FOLLOWS[picker] = any(getattr(picker, hook) is not getattr(Picker, hook)
+                                       for hook in ("dispatched", "first_byte", "released"))
+    return found
+
+
 class AttemptAccounting:
     """Per attempt: tells the picker, and records the prefix as in flight at the endpoint
     in the prefix index until it settles (the next request sharing it sees a future hit)."""
@@ -140,7 +156,7 @@ class Exchange:
         state.inflight += 1
         admitted = False
         try:
-            admitted = refused is None and await self.gate.enter()
+            admitted = refused is None and (self.gate.try_enter() or await self.gate.enter())
             if not admitted:
                 refused = refused or self._overloaded()
                 response: web.StreamResponse = await self._send(ctx, refused)
@@ -185,10 +201,13 @@ class Exchange:
 
     def _plan(self, cluster: Cluster, ctx: RequestContext) -> ForwardPlan:
         picker = self.state.pickers[cluster.name]
+        pick, on_head = partial(choose, cluster, picker, ctx), partial(self._on_head, ctx)
+        if token_ids(ctx) is None and not follows_attempts(type(picker)):
+            # Nothing to account: no prefix to book in the index, a picker that ignores attempts.
+            return ForwardPlan(cluster, pick, on_head, _nothing_uncached)
         attempt = AttemptAccounting(picker, self.state.prefix_index, ctx)
-        return ForwardPlan(cluster, partial(choose, cluster, picker, ctx), partial(self._on_head, ctx),
-                           partial(predicted_uncached, ctx), attempt.dispatched, attempt.first_byte,
-                           attempt.released)
+        return ForwardPlan(cluster, pick, on_head, partial(predicted_uncached, ctx), attempt.dispatched,
+                           attempt.first_byte, attempt.released)
 
     async def _on_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         """`on_response`; a draining gateway also asks the client to close the connection,
@@ -249,8 +268,11 @@ class Exchange:
         if not request.body_exists:
             return None
         try:
-            async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+            if request.content.is_eof():  # it all came with the head: reading waits on nothing
                 ctx.body = await request.read()
+            else:
+                async with asyncio.timeout(self.state.config.server.limits.body_timeout):
+                    ctx.body = await request.read()
         except TimeoutError:
             return error_reply(408, "request body not received in time", code="body_timeout",
                                headers={"Connection": "close"})

@@ -59,6 +59,7 @@ class GatewayMetrics:
 
     def __post_init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._answers: dict[tuple[str, str, int], _AnswerSeries] = {}
         r = self.registry
         self.requests = Counter("kvgate_requests", "Requests answered", ["cluster", "endpoint", "status"], registry=r)
         self.latency = Histogram("kvgate_request_latency_seconds", "Request latency", ["cluster"], registry=r,
@@ -123,17 +124,22 @@ class GatewayMetrics:
         return found
 
     def observe(self, ctx: RequestContext) -> None:
-        """Count one finished request (and keep its summary for the dashboard)."""
+        """Count one finished request (and keep its summary for the dashboard). The series
+        of one (cluster, endpoint, status) are found with one lookup; a series is created
+        only once something is observed in it."""
         self.recent.add(ctx)
-        cluster = ctx.cluster or "-"
-        self.child(self.requests, cluster, ctx.endpoint or "-", str(ctx.status or 0)).inc()
+        cluster, endpoint, status = ctx.cluster or "-", ctx.endpoint or "-", ctx.status or 0
+        series = self._answers.get((cluster, endpoint, status))
+        if series is None:
+            series = self._answers[(cluster, endpoint, status)] = _AnswerSeries(self, cluster, endpoint, status)
+        series.requests.inc()
         if ctx.latency_ms is not None:
-            self.child(self.latency, cluster).observe(ctx.latency_ms / 1000)
+            series.latency.observe(ctx.latency_ms / 1000)
         if ctx.ttfb_ms is not None:
-            self.child(self.ttfb, cluster).observe(ctx.ttfb_ms / 1000)
-        if ctx.retries:
-            self.child(self.retries, cluster).inc(ctx.retries)
-        if ctx.status == 200:
+            series.ttfb().observe(ctx.ttfb_ms / 1000)
+        if ctx.attempts > 1:
+            self.child(self.retries, cluster).inc(ctx.attempts - 1)
+        if status == 200:
             self.observe_tokens(ctx, cluster)
 
     def observe_tokens(self, ctx: RequestContext, cluster: str) -> None:
@@ -186,3 +192,21 @@ class GatewayMetrics:
             seen = self._ejections_seen.get(ep.id, 0)  # a rebuilt endpoint (same id) counts from 0 again
             self.ejections.labels(ep.id).inc(max(0, ep.outlier.ejections - seen))
             self._ejections_seen[ep.id] = ep.outlier.ejections
+
+
+class _AnswerSeries:
+    """The request counter and latency histograms of one (cluster, endpoint, status)."""
+
+    __slots__ = ("requests", "latency", "_metrics", "_cluster", "_ttfb")
+
+    def __init__(self, metrics: GatewayMetrics, cluster: str, endpoint: str, status: int) -> None:
+        self.requests = metrics.child(metrics.requests, cluster, endpoint, str(status))
+        self.latency = metrics.child(metrics.latency, cluster)
+        self._metrics, self._cluster = metrics, cluster
+        self._ttfb: Histogram | None = None
+
+    def ttfb(self) -> Histogram:
+        """Created on first use: a cluster whose answers never had a body has no series."""
+        if self._ttfb is None:
+            self._ttfb = self._metrics.child(self._metrics.ttfb, self._cluster)
+        return self._ttfb

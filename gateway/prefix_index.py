@@ -124,15 +124,20 @@ class PrefixIndex:
     # ---- the gateway's own traffic -------------------------------------------------------
     def expect(self, endpoint: str, keys: Sequence[int]) -> None:
         """A request with these keys was dispatched to `endpoint`: a future hit there."""
+        pending = self._pending
         for key in keys:
-            per = self._pending.setdefault(key, {})
-            per[endpoint] = per.get(endpoint, 0) + 1
+            per = pending.get(key)
+            if per is None:
+                pending[key] = {endpoint: 1}
+            else:
+                per[endpoint] = per.get(endpoint, 0) + 1
 
     def settle(self, endpoint: str, keys: Sequence[int], served: bool, learn: bool) -> None:
         """The request left `endpoint`. `served`: its prefill completed there; with `learn`
         (an endpoint without an event feed), its prefix is remembered for `learned_ttl`."""
+        pending = self._pending
         for key in keys:
-            per = self._pending.get(key)
+            per = pending.get(key)
             if per is None:
                 continue
             left = per.get(endpoint, 0) - 1
@@ -142,14 +147,16 @@ class PrefixIndex:
                 per.pop(endpoint, None)
                 self._started.pop((key, endpoint), None)
                 if not per:
-                    del self._pending[key]
-        if served and learn:
+                    del pending[key]
+        if served and learn and keys:
             expiry = self._clock() + self.learned_ttl
+            learned = self._learned
             for key in keys:
-                self._learned[(key, endpoint)] = expiry
-                self._learned.move_to_end((key, endpoint))
-            while len(self._learned) > self.max_learned:
-                self._learned.popitem(last=False)
+                entry = (key, endpoint)
+                learned[entry] = expiry
+                learned.move_to_end(entry)
+            while len(learned) > self.max_learned:
+                learned.popitem(last=False)
 
     def prefill_started(self, endpoint: str, keys: Sequence[int]) -> float | None:
         """When `endpoint` stored the request's last full block since it was expected (the
@@ -163,25 +170,23 @@ class PrefixIndex:
         alive = set(endpoints)
         matched: dict[str, int] = {}
         now = self._clock()
-        for depth, key in enumerate(keys, start=1):
+        stored, pending, learned = self._holders, self._pending, self._learned
+        depth = 0
+        for key in keys:  # an endpoint's match ends at the first block it does not hold
+            holders, waiting = stored.get(key), pending.get(key)
+            for ep in list(alive):
+                if not ((holders is not None and ep in holders) or (waiting is not None and ep in waiting)
+                        or learned.get((key, ep), 0.0) > now):
+                    alive.discard(ep)
+                    if depth:
+                        matched[ep] = depth * self.block_size
             if not alive:
-                break
-            holders = self._holders_of(key, alive, now)
-            for ep in holders:
+                return matched
+            depth += 1
+        for ep in alive:
+            if depth:
                 matched[ep] = depth * self.block_size
-            alive &= holders
         return matched
-
-    def _holders_of(self, key: int, candidates: set[str], now: float) -> set[str]:
-        found = self._holders.get(key, set()) & candidates
-        pending = self._pending.get(key)
-        if pending:
-            found |= pending.keys() & candidates
-        for ep in candidates - found:
-            expiry = self._learned.get((key, ep))
-            if expiry is not None and expiry > now:
-                found.add(ep)
-        return found
 
     def forget_endpoint(self, endpoint: str) -> None:
         """The endpoint left the fleet (or lost its cache): drop all it was said to hold."""

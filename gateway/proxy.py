@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -72,10 +73,15 @@ def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
+# A body buffered whole and at most this long is relayed without a deadline: writing it
+# cannot wait on the client (aiohttp's and the transport's write buffers hold 64 KiB).
+_UNBLOCKED_BYTES = 65536
+
+
 @functools.lru_cache(maxsize=64)
 def client_timeout(connect: float) -> aiohttp.ClientTimeout:
     """aiohttp's part of the upstream timeouts: connect only (immutable, so shared). The
-    head and body deadlines are the proxy's own (`asyncio.timeout_at`)."""
+    head and body deadlines are the proxy's own (`asyncio.timeout_at`, `IdleWatch`)."""
     return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None)
 
 
@@ -135,6 +141,41 @@ class PrefillBacklog:
             self.tokens = 0
 
 
+class IdleWatch:
+    """A stream's idle timeout with one timer, not one per chunk: `touch()` on each chunk
+    only notes the time; the timer, armed for the last chunk's time + `idle`, re-arms
+    itself when a chunk came meanwhile, and otherwise expires `budget` (an entered
+    `asyncio.timeout(None)`, which then raises TimeoutError at its exit). Only waiting
+    for the upstream counts: between `writing()` and the next `touch()` (a write to a
+    slow client) the stream is not idle."""
+
+    __slots__ = ("_loop", "_budget", "_idle", "_last", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget: asyncio.Timeout, idle: float) -> None:
+        self._loop, self._budget, self._idle = loop, budget, idle
+        self._last = loop.time()
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._last + idle, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def writing(self) -> None:
+        self._last = math.inf
+
+    def _check(self) -> None:
+        due, now = self._last + self._idle, self._loop.time()
+        if now < due:  # a chunk came (or a write is under way: look again in `idle`)
+            self._handle = self._loop.call_at(min(due, now + self._idle), self._check)
+            return
+        self._handle = None
+        self._budget.reschedule(now)  # due now: cancels the relay, TimeoutError at the budget's exit
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class _CoalescedHeadResponse(web.StreamResponse):
     """A relayed response whose head goes out with the first body bytes, in one write (as
     aiohttp's own `web.Response` does), not alone at `prepare()`. Used when that costs the
@@ -149,7 +190,7 @@ class UpstreamFailure(Exception):
         self.verdict = verdict
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, so it is built without object.__setattr__
 class ForwardPlan:
     """What the exchange gives the proxy for one request."""
 
@@ -203,7 +244,6 @@ class Proxy:
         # A non-streamed answer comes only after the whole generation: `total` bounds it,
         # head and body. A stream's head is bounded by `first_byte`, each later chunk by `idle`.
         deadline = loop.time() + (timeouts.first_byte if streamed else timeouts.total)
-        next_chunk_by = (lambda: loop.time() + timeouts.idle) if streamed else (lambda: deadline)
         backlog = PrefillBacklog(endpoint, plan.uncached(endpoint))
         endpoint.inflight += 1
         endpoint.stats.requests += 1
@@ -225,7 +265,8 @@ class Proxy:
                 if upstream.status in BREAKER_STATUSES:
                     charge(endpoint, counts=True)
                 judge(ctx, plan.cluster, endpoint, outcome_of_status(upstream.status))
-                return await self._relay(request, ctx, plan, endpoint, upstream, backlog, next_chunk_by, streamed)
+                return await self._relay(request, ctx, plan, endpoint, upstream, backlog,
+                                         timeouts.idle if streamed else None, deadline)
         except UpstreamFailure:
             raise
         except BaseException:  # client gone (cancelled, reset before the head): no verdict on the endpoint
@@ -244,8 +285,10 @@ class Proxy:
         return UpstreamFailure(verdict)
 
     async def _relay(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
-                     upstream: aiohttp.ClientResponse, backlog: PrefillBacklog,
-                     next_chunk_by: Callable[[], float], streamed: bool) -> web.StreamResponse:
+                     upstream: aiohttp.ClientResponse, backlog: PrefillBacklog, idle: float | None,
+                     deadline: float) -> web.StreamResponse:
+        """Send the head, then the body as it arrives. A stream (`idle` given) ends once
+        `idle` seconds pass without a chunk; any other body must be in by `deadline`."""
         headers = response_headers(upstream)
         headers["x-request-id"] = ctx.request_id
         if self.debug_headers:
@@ -265,12 +308,20 @@ class Proxy:
         tail = b""
         # Set when the gateway asked for usage the client did not: drops the extra chunk.
         strip = stripper_for(ctx, upstream.status, upstream.content_type, upstream.content_length)
+        content = upstream.content
         try:
-            if streamed:
-                tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, next_chunk_by)
+            if idle is not None:
+                async with asyncio.timeout(None) as budget:
+                    watch = IdleWatch(asyncio.get_running_loop(), budget, idle)
+                    try:
+                        tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, watch)
+                    finally:
+                        watch.cancel()
+            elif content.is_eof() and content.total_bytes <= _UNBLOCKED_BYTES:
+                # The whole (small) body is here: relaying it waits on nothing, needs no timer.
+                tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, None)
             else:
-                # One deadline for the whole body: one timer, not one per chunk (`total`).
-                async with asyncio.timeout_at(next_chunk_by()):
+                async with asyncio.timeout_at(deadline):  # one deadline for the whole body (`total`)
                     tail = await self._relay_chunks(ctx, plan, endpoint, upstream, response, backlog, strip, None)
             if strip is not None and (rest := strip.flush()):
                 await response.write(rest)
@@ -289,26 +340,37 @@ class Proxy:
     @staticmethod
     async def _relay_chunks(ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,
                             upstream: aiohttp.ClientResponse, response: web.StreamResponse, backlog: PrefillBacklog,
-                            strip: UsageChunkStripper | None, next_chunk_by: Callable[[], float] | None) -> bytes:
-        """Body chunks as they arrive; each read bounded by `next_chunk_by` when given (a
-        stream's idle gap). Returns the body's tail (for its `usage`)."""
-        tail = b""
+                            strip: UsageChunkStripper | None, watch: IdleWatch | None) -> bytes:
+        """Body chunks as they arrive, each noted by the stream's `watch` (if any). Returns
+        the body's last `_TAIL_BYTES` (for its `usage`)."""
+        # The tail's chunks, joined and cut only once they hold twice what is kept: a long
+        # stream's bytes are copied about twice, not `_TAIL_BYTES` per chunk.
+        tail: list[bytes] = []
+        kept = 0
+        content = upstream.content
         while True:
-            if next_chunk_by is None:
-                chunk = await upstream.content.readany()
-            else:
-                async with asyncio.timeout_at(next_chunk_by()):
-                    chunk = await upstream.content.readany()
+            chunk = await content.readany()
+            if watch is not None:
+                watch.touch()
             if not chunk:
-                return tail
+                return b"".join(tail)[-_TAIL_BYTES:]
             if ctx.ttfb_ms is None:
                 ctx.ttfb_ms = ctx.elapsed_ms()
                 backlog.release()  # the first byte means prefill is done
                 plan.on_first_byte(endpoint)
-            tail = (tail + chunk)[-_TAIL_BYTES:]
+            tail.append(chunk)
+            kept += len(chunk)
+            if kept > 2 * _TAIL_BYTES:
+                tail = [b"".join(tail)[-_TAIL_BYTES:]]
+                kept = _TAIL_BYTES
             if strip is not None and not (chunk := strip.feed(chunk)):
                 continue  # an incomplete event, or the dropped usage chunk
-            await response.write(chunk)
+            if watch is None:
+                await response.write(chunk)
+            else:  # the idle clock measures the upstream's silence, not the client's reading
+                watch.writing()
+                await response.write(chunk)
+                watch.touch()
             ctx.bytes_out += len(chunk)
 
     async def _broken(self, request: web.Request, ctx: RequestContext, plan: ForwardPlan, endpoint: Endpoint,

@@ -1,7 +1,9 @@
 """Recent request summaries for the live `/dashboard`: a fixed-size ring, fed once per request.
 
-Each entry is a small tuple (no dict per request on the hot path); `records()` turns
-them into access-log-shaped dicts (same field names) when the dashboard is drawn.
+Each entry is a small tuple of what the request already holds (no dict, no formatting
+per request on the hot path: the decision, cache hints and usage objects are kept as
+they are); `records()` turns them into access-log-shaped dicts (same field names) when
+the dashboard is drawn.
 """
 
 from __future__ import annotations
@@ -10,12 +12,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from filters.keys import CACHE_HINTS, PROMPT
-from kvkernel.context import RequestContext
-
-FIELDS = ("epoch", "route", "endpoint", "model", "prompt_hash", "status", "latency_ms", "ttfb_ms", "retries",
-          "error", "decision", "tier", "predicted_cached_tokens", "prompt_tokens", "cached_tokens",
-          "completion_tokens")
+from filters.keys import CACHE_HINTS, PROMPT, CacheHints
+from kvkernel.context import RequestContext, RoutingDecision, Usage
 
 
 class RecentRequests:
@@ -24,14 +22,10 @@ class RecentRequests:
         self.total = 0
 
     def add(self, ctx: RequestContext) -> None:
-        prompt, hints = ctx.get(PROMPT), ctx.get(CACHE_HINTS)
-        predicted = hints.matched_tokens.get(ctx.endpoint, 0) if hints and ctx.endpoint else None
-        usage = ctx.usage
+        prompt = ctx.get(PROMPT)  # its model and digest only: the prompt's text is not kept
         self._ring.append((ctx.received_at, ctx.route, ctx.endpoint, prompt.model if prompt else None,
                            prompt.digest if prompt else None, ctx.status, ctx.latency_ms, ctx.ttfb_ms,
-                           ctx.retries, ctx.error, ctx.decision.render() if ctx.decision else None,
-                           hints.tier if hints else None, predicted, usage.prompt_tokens, usage.cached_tokens,
-                           usage.completion_tokens))
+                           ctx.attempts, ctx.error, ctx.decision, ctx.get(CACHE_HINTS), ctx.usage))
         self.total += 1
 
     def __len__(self) -> int:
@@ -40,6 +34,18 @@ class RecentRequests:
     def records(self) -> Iterator[dict[str, Any]]:
         """The ring's entries, oldest first, with the access log's field names (`time` as epoch seconds)."""
         for entry in list(self._ring):
-            record = dict(zip(FIELDS, entry, strict=True))
-            record["time"] = record.pop("epoch")
-            yield record
+            yield _record(*entry)
+
+
+def _record(epoch: float, route: str | None, endpoint: str | None, model: str | None, digest: str | None,
+            status: int | None, latency_ms: float | None, ttfb_ms: float | None, attempts: int, error: str | None,
+            decision: RoutingDecision | None, hints: CacheHints | None, usage: Usage) -> dict[str, Any]:
+    return {
+        "time": epoch, "route": route, "endpoint": endpoint, "model": model, "prompt_hash": digest,
+        "status": status, "latency_ms": latency_ms, "ttfb_ms": ttfb_ms, "retries": max(0, attempts - 1),
+        "error": error, "decision": decision.render() if decision else None,
+        "tier": hints.tier if hints else None,
+        "predicted_cached_tokens": hints.matched_tokens.get(endpoint, 0) if hints and endpoint else None,
+        "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
+        "completion_tokens": usage.completion_tokens,
+    }

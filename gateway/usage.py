@@ -66,10 +66,22 @@ def _clean(event: bytes) -> bytes:
     return event
 
 
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
 def _boundary(data: bytes) -> int:
     """The end of the last complete event in `data` (0 if none)."""
-    ends = [data.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if sep in data]
-    return max(ends, default=0)
+    if data.endswith(_SEPARATORS):  # the usual read: whole events
+        return len(data)
+    return max((data.rfind(sep) + len(sep) for sep in _SEPARATORS if sep in data), default=0)
+
+
+def _events(data: bytes) -> list[bytes]:
+    """Whole events, each with its blank line. Without a `\r` only `\n\n` ends an event:
+    a split, not the regex's scan of every byte (the same events)."""
+    if b"\r" in data:
+        return [match.group() for match in _EVENT.finditer(data)]
+    return [part + b"\n\n" for part in data.split(b"\n\n")[:-1]]
 
 
 class UsageChunkStripper:
@@ -84,12 +96,15 @@ class UsageChunkStripper:
     def feed(self, chunk: bytes) -> bytes:
         data = self.pending + chunk if self.pending else chunk
         cut = _boundary(data)
-        complete, self.pending = data[:cut], data[cut:]
+        if cut == len(data):  # no partial event to hold back: no copies
+            complete, self.pending = data, b""
+        else:
+            complete, self.pending = data[:cut], data[cut:]
         if b'"usage"' not in complete:
             return complete
         out = []
-        for match in _EVENT.finditer(complete):
-            cleaned = _clean(match.group())
+        for event in _events(complete):
+            cleaned = _clean(event)
             self.stripped += not cleaned
             out.append(cleaned)
         return b"".join(out)

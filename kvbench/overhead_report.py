@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,10 +199,11 @@ def render(plan: Sequence[Scenario], stats: dict[str, TargetStats], info: RunInf
         relay += (" `gateway-full` runs the whole cache-aware chain (prompt, tokenizer in process from a generated "
                   "tiny model with its token cache off so every request is tokenized, kvcache without a controller, "
                   "access-log) and the predicted-TTFT `cache_aware` picker.")
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio's own loop: uvloop is not installed"
     lines = [
         "### Gateway overhead (`kvgate bench overhead`)",
         "",
-        f"Fake OpenAI backend (`testbed.fake_openai`, uvloop) and `kvgate serve` (uvloop, workers: {info.workers}, "
+        f"Fake OpenAI backend (`testbed.fake_openai`, {loop}) and `kvgate serve` ({loop}, workers: {info.workers}, "
         f"chain: prompt + access-log to a file) as subprocesses; a separate load-generator process sends "
         f"`POST /v1/completions` over keep-alive connections. {info.rounds} interleaved rounds per scenario "
         f"({', '.join(plan[0].targets)}, then again); requests per round: {counts} (the same for streaming). "

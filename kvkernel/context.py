@@ -69,9 +69,14 @@ class RoutingDecision:
     def render(self) -> str:
         """The access log's `decision`: the kind, qualified by the picker for plain
         load balancing and fail-over (`lb:round_robin`, `failover:cache_aware`)."""
-        if self.kind in (DecisionKind.POLICY, DecisionKind.FAILOVER) and self.picker:
-            return f"{self.kind.value}:{self.picker}"
-        return self.kind.value
+        value = _KIND_VALUES[self.kind]  # a dict lookup: an enum's `.value` is a slow descriptor
+        if self.picker and self.kind in _QUALIFIED:
+            return f"{value}:{self.picker}"
+        return value
+
+
+_KIND_VALUES = {kind: kind.value for kind in DecisionKind}
+_QUALIFIED = frozenset({DecisionKind.POLICY, DecisionKind.FAILOVER})
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ with a newline before rendering (vLLM's "string" content format).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -35,6 +36,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+# One prompt at a time is encoded here, never a batch worth splitting across threads:
+# without this, `tokenizers` hands even a batch of one to its thread pool (~10 µs more
+# CPU per prompt). Set at import, while the process has a single thread; an operator's
+# own setting wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class PromptError(ValueError):
@@ -110,6 +117,16 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def encode_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """The ids of one text. `encode_batch_fast` (tokenizers >= 0.21) runs the same
+    pipeline as `encode` without tracking character offsets, which nothing here reads:
+    the same ids for ~25% less CPU."""
+    fast = getattr(tokenizer, "encode_batch_fast", None)
+    if fast is None:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    return list(fast([text], add_special_tokens=add_special_tokens)[0].ids)
+
+
 class ChatTokenizer:
     """A model's tokenizer plus its chat template; thread-safe for encode/decode."""
 
@@ -142,7 +159,7 @@ class ChatTokenizer:
         """Completion style ids."""
         if not isinstance(prompt, str):
             raise PromptError("'prompt' must be a string")
-        return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids)
+        return encode_ids(self.tokenizer, prompt, add_special_tokens)
 
     def render_chat(self, messages: Any, add_generation_prompt: bool = True,
                     tools: Sequence[Any] | None = None,
@@ -179,7 +196,7 @@ class ChatTokenizer:
                     add_special_tokens: bool = False, continue_final_message: bool = False) -> list[int]:
         """Chat style ids: the rendered template encoded (no special tokens added by default)."""
         text = self.render_chat(messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message)
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return encode_ids(self.tokenizer, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))

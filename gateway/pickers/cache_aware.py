@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from filters.keys import CACHE_HINTS, matched_tokens, prompt_block_keys, token_ids
+from filters.keys import CACHE_HINTS, hinted_matches, matched_tokens, prompt_block_keys, token_ids
 from gateway.endpoints import Endpoint
 from gateway.pickers.base import PREFILL_STARTED, Choice, Picker
 from gateway.pickers.cache_aware_config import CacheAwareConfig
@@ -96,6 +96,7 @@ class CacheAwarePolicy(Picker):
         self._tokens = TokenScoring(self.config) if self.config.scoring == "tokens" else None
         self._turn = 0
         self._recent: deque[str] = deque(maxlen=self.config.share_window)  # endpoints of the last picks
+        self._recent_counts: Counter[str] = Counter()  # picks per endpoint in `_recent`, kept as it moves
         self.slo_requests = 0
         self.slo_unmeetable = 0
 
@@ -112,13 +113,14 @@ class CacheAwarePolicy(Picker):
         if self._tokens is not None:
             return self._tokens.pick(candidates, ctx)
         pool = self._admissible(candidates, ctx)
-        estimates = {ep.id: self._estimate(ep, ctx) for ep in candidates}
+        n, matched, now = _prompt_tokens(ctx), hinted_matches(ctx), self._clock()  # the same for every candidate
+        estimates = {ep.id: self._estimate(ep, n, matched.get(ep.id, 0), now) for ep in candidates}
         ctx[_ESTIMATES] = estimates
         best_reuse = max(e.reuse for e in estimates.values())
         scored = self._within_slo([estimates[ep.id] for ep in pool], ctx)
         ctx.scores = {e.endpoint.id: round(e.ttft * 1000, 3) for e in scored}
         chosen = self._lowest(scored, best_reuse, ctx)
-        self._recent.append(chosen.endpoint.id)
+        self._note_pick(chosen.endpoint.id)
         if best_reuse == 0:
             return Choice(chosen.endpoint, DecisionKind.NO_HINT)
         if chosen.reuse >= best_reuse:
@@ -139,10 +141,11 @@ class CacheAwarePolicy(Picker):
         pool = [ep for ep in candidates if not is_saturated(ep, cfg)] or list(candidates)
         if len(pool) < len(candidates):
             ctx.log_fields["saturated"] = sorted(ep.id for ep in candidates if ep not in pool)
-        low = min(request_load(ep) for ep in pool)
+        loads = [request_load(ep) for ep in pool]
+        low = min(loads)
         over_share = self._over_share(pool)
-        kept = [ep for ep in pool if ep.id not in over_share and not (
-            request_load(ep) - low > cfg.balance_abs_threshold and request_load(ep) > cfg.balance_rel_threshold * low)]
+        kept = [ep for ep, load in zip(pool, loads, strict=True) if ep.id not in over_share and not (
+            load - low > cfg.balance_abs_threshold and load > cfg.balance_rel_threshold * low)]
         kept = kept or pool
         if len(kept) < len(pool):
             ctx.log_fields["overloaded"] = sorted(ep.id for ep in pool if ep not in kept)
@@ -156,17 +159,26 @@ class CacheAwarePolicy(Picker):
         picks = len(self._recent)
         if cfg.max_share <= 0 or len(pool) < 2 or picks < cfg.share_window // 2:
             return set()
-        counts = Counter(self._recent)
+        counts = self._recent_counts
         rates = {ep.id: self.model(ep.id).speed.rate for ep in pool}
         total = sum(rates.values())
         return {ep.id for ep in pool if counts[ep.id] > cfg.max_share * picks * rates[ep.id] / total}
 
-    def _estimate(self, ep: Endpoint, ctx: RequestContext) -> _Estimate:
-        n = _prompt_tokens(ctx)
-        reuse = min(n, matched_tokens(ctx, ep.id))
+    def _note_pick(self, endpoint_id: str) -> None:
+        recent, counts = self._recent, self._recent_counts
+        if len(recent) == recent.maxlen:  # the oldest pick leaves the window
+            oldest = recent[0]
+            counts[oldest] -= 1
+            if not counts[oldest]:
+                del counts[oldest]
+        recent.append(endpoint_id)
+        counts[endpoint_id] += 1
+
+    def _estimate(self, ep: Endpoint, n: int, matched: int, now: float) -> _Estimate:
+        """`n` prompt tokens, of which the hints credit `ep` with `matched`."""
+        reuse = min(n, matched)
         model = self.model(ep.id)
         uncached = max(0, n - reuse)
-        now = self._clock()
         # Work this gateway did not send explains an overdue stream as well as a slow engine does:
         # then the delay proves nothing about the rate, for the queue nor for this prefill.
         proves = not (self.config.discount_foreign_load and _foreign_load(ep))
@@ -221,7 +233,8 @@ class CacheAwarePolicy(Picker):
     def dispatched(self, ctx: RequestContext, endpoint: Endpoint) -> None:
         if self._tokens is not None:
             return
-        estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(endpoint, ctx)
+        estimate = (ctx.get(_ESTIMATES) or {}).get(endpoint.id) or self._estimate(
+            endpoint, _prompt_tokens(ctx), matched_tokens(ctx, endpoint.id), self._clock())
         model = self.model(endpoint.id)
         now = self._clock()
         predicted_ttft = model.ahead(now, not (self.config.discount_foreign_load and _foreign_load(endpoint))) \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +13,7 @@ import pytest
 
 from gateway.attempts import verdict_of_error, verdict_of_status
 from gateway.outlier import Outcome
+from gateway.proxy import IdleWatch
 from tests.conftest import wait_until
 from tests.gateway.harness import fake_stack as stack
 
@@ -63,3 +65,79 @@ async def test_a_silent_stream_ends_with_an_sse_error_and_is_logged_as_failed(tm
         endpoint = st.state.clusters["llm"].endpoint("a")
         assert endpoint is not None and endpoint.breaker.state.value == "closed"
         st.backends["a"].stream_gate.set()
+
+
+class _Timer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Clock:
+    """A stand-in loop for `IdleWatch`: a settable time and the timers it was asked for."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[_Timer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> _Timer:
+        self.timers.append(_Timer(when, callback))
+        return self.timers[-1]
+
+    def fire(self) -> None:
+        """Run the last armed timer's callback at its time."""
+        timer = self.timers[-1]
+        assert not timer.cancelled
+        self.now = timer.when
+        timer.callback()
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.expired_at: float | None = None
+
+    def reschedule(self, when: float | None) -> None:
+        self.expired_at = when
+
+
+def test_an_idle_watch_arms_one_timer_and_rearms_it_only_when_chunks_came() -> None:
+    clock, budget = _Clock(), _Budget()
+    watch = IdleWatch(clock, budget, 10.0)  # type: ignore[arg-type]
+    assert [t.when for t in clock.timers] == [10.0]
+    for t in (1.0, 2.0, 7.0):  # chunks: no timer per chunk
+        clock.now = t
+        watch.touch()
+    assert len(clock.timers) == 1
+    clock.fire()  # at 10: the last chunk came at 7, so the stream is not idle yet
+    assert budget.expired_at is None and [t.when for t in clock.timers] == [10.0, 17.0]
+    clock.fire()  # at 17: nothing since 7
+    assert budget.expired_at == 17.0
+    watch.cancel()  # nothing armed any more: a no-op
+    assert not any(t.cancelled for t in clock.timers)
+
+
+def test_an_idle_watch_cancels_its_timer_when_the_stream_ends() -> None:
+    clock = _Clock()
+    IdleWatch(clock, _Budget(), 10.0).cancel()  # type: ignore[arg-type]
+    assert [t.cancelled for t in clock.timers] == [True]
+
+
+def test_an_idle_watch_does_not_count_a_write_to_a_slow_client() -> None:
+    clock, budget = _Clock(), _Budget()
+    watch = IdleWatch(clock, budget, 10.0)  # type: ignore[arg-type]
+    clock.now = 1.0
+    watch.writing()  # the client reads slowly: the write waits
+    clock.fire()  # at 10: still writing, not idle; look again in 10 s
+    assert budget.expired_at is None and clock.timers[-1].when == 20.0
+    clock.now = 15.0
+    watch.touch()  # the write is done: from now on the upstream's silence counts
+    clock.fire()  # at 20: a chunk 5 s ago
+    assert budget.expired_at is None and clock.timers[-1].when == 25.0
+    clock.fire()
+    assert budget.expired_at == 25.0
+

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.usage import USAGE_ADDED, UsageChunkStripper, ask_for_usage
+from gateway.usage import _EVENT, USAGE_ADDED, UsageChunkStripper, _events, ask_for_usage
 from kvkernel.context import RequestContext
 from testbed.fake_openai import FakeBackend
 from testbed.sim_vllm.cache import PrefixCache
@@ -69,6 +69,14 @@ def test_stripper_removes_openai_style_null_usage_and_keeps_crlf_events() -> Non
     event = b'data: {"id":"c","choices":[{"index":0}],"usage":null}\r\n\r\n'
     assert strip.feed(event) == b'data: {"id":"c","choices":[{"index":0}]}\r\n\r\n'
     assert strip.feed(USAGE_EVENT.replace(b"\n", b"\r\n")) == b""
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"data: a\n\n", b"data: a\n\ndata: b\n\n", b"data: a\n\n\ndata: b\n\n", b"data: a\n\n\n",
+    b"data: a\r\n\r\ndata: b\n\n", b"data: a\r\rdata: b\r\n\r\n", b": comment\n\ndata: [DONE]\n\n",
+])
+def test_events_are_cut_as_the_event_pattern_cuts_them(data: bytes) -> None:
+    assert _events(data) == [match.group() for match in _EVENT.finditer(data)]
 
 
 @pytest.fixture

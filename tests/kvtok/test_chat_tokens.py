@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from kvtok.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids
+from kvtok.chat_tokens import ChatTokenizer, PromptError, chat_ids, completion_ids, encode_ids
 from tests.conftest import CHAT
 
 
 @pytest.fixture(scope="module")
 def ct(tiny_model_dir: Path) -> ChatTokenizer:
     return ChatTokenizer.from_dir(tiny_model_dir)
+
+
+@pytest.mark.parametrize("text", ["", "plain words and more words", "  leading spaces, tabs\tand\nnewlines\n\n",
+                                  "unicode: é ü 漢字 🙂", "<|im_start|>user\nhi<|im_end|>", "'s 'll 123 4.5"])
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_ids_are_the_ids_of_encode(ct: ChatTokenizer, text: str, special: bool) -> None:
+    assert encode_ids(ct.tokenizer, text, special) == ct.tokenizer.encode(text, add_special_tokens=special).ids
 
 
 def test_chatml_rendering(ct: ChatTokenizer) -> None:
