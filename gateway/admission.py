@@ -19,7 +19,7 @@ import asyncio
 import collections
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kvkernel.decode import FieldError, Seconds
 from kvkernel.errors import error_body
@@ -157,13 +157,14 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport whatever the loop: uvloop's TCPTransport is not an asyncio.Transport
+        # subclass (an isinstance check here refused every connection under uvloop).
+        stream = self._transport = cast(asyncio.Transport, transport)
         limit = guard.config.max_connections
         if limit is not None and guard.open >= limit:
             guard.refused += 1
-            transport.write(_overloaded_response(f"too many connections (limit {limit})"))
-            transport.close()
+            stream.write(_overloaded_response(f"too many connections (limit {limit})"))
+            stream.close()
             return
         guard.open += 1
         self._counted = True
