@@ -213,7 +213,26 @@ def _fork_workers(config: GatewayConfig, plans: GatewayPlan, config_path: str | 
 
 
 def main(argv: Sequence[str]) -> int:
-    signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS)  # held until the handlers are in place
+    # Held until the handlers are in place; given back as it was when no gateway runs
+    # (a bad config, a busy port, --help): an in-process caller's children inherit the mask.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS)
+    try:
+        prepared = _prepare(argv)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if isinstance(prepared, int):
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return prepared
+    config, plans, config_path = prepared
+    if config.server.workers > 1:
+        return _serve_workers(config, plans, config_path)
+    _run(config, plans, reuse_port=config.server.reuse_port, config_path=config_path)
+    return 0
+
+
+def _prepare(argv: Sequence[str]) -> int | tuple[GatewayConfig, GatewayPlan, str]:
+    """Parse, load and check everything before serving: (config, plans, path), or an exit code."""
     parser = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("--port", type=int, help="override server.port")
@@ -238,7 +257,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"kvgate serve: {server.host}:{server.port} is already served by another process "
               "(set server.reuse_port: true to share it)", file=sys.stderr)
         return 1
-    if server.workers > 1:
-        return _serve_workers(config, plans, args.config)
-    _run(config, plans, reuse_port=server.reuse_port, config_path=args.config)
-    return 0
+    return config, plans, args.config

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 from pathlib import Path
 
@@ -111,7 +112,19 @@ def test_a_second_gateway_refuses_a_served_port(tmp_path: Path, capsys: pytest.C
         config = tmp_path / "gw.yaml"
         config.write_text("clusters: [{name: c, endpoints: [{id: a, url: 'http://127.0.0.1:9'}]}]\n"
                           "routes: [{match: {prefix: /v1/}, cluster: c}]\nserver: {host: 127.0.0.1}\n")
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
         assert serve.main(["-c", str(config), "--port", str(port)]) == 1
+        # The signals held during start-up are given back: this process's children inherit its mask
+        # (a SIGTERM blocked here once made every daemon the later tests started unstoppable).
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "already served" in err and "reuse_port" in err
     assert not port_in_use("127.0.0.1", port)
+
+
+def test_a_bad_config_leaves_the_callers_signal_mask_alone(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text("clusters: [{name: c}]\n")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    assert serve.main(["-c", str(config)]) == 1
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask
