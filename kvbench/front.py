@@ -20,12 +20,13 @@ import itertools
 import shutil
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from kvbench.oracle import client_session, stream_through
 from testbed.procs import HOST, ManagedProcess
 
 FRONTS = ("auto", "nginx", "aiohttp")
@@ -43,7 +44,6 @@ class Rotation:
 
 UPSTREAMS = web.AppKey("upstreams", Rotation)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
-_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
 def nginx_binary() -> str | None:
@@ -108,32 +108,13 @@ def start_front(kind: str, port: int, upstreams: Sequence[str], workdir: Path) -
 
 # ---- the aiohttp relay ---------------------------------------------------------------------
 async def relay(request: web.Request) -> web.StreamResponse:
-    upstream_url = request.app[UPSTREAMS].next()
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-    body = await request.read()
-    async with request.app[SESSION].request(request.method, upstream_url + request.path_qs, data=body,
-                                            headers=headers) as upstream:
-        resp = web.StreamResponse(status=upstream.status, headers={
-            k: v for k, v in upstream.headers.items() if k.lower() not in _HOP | {"content-encoding"}})
-        await resp.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
-
-
-async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=2)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
-        app[SESSION] = session
-        yield
+    return await stream_through(request, request.app[SESSION], request.app[UPSTREAMS].next())
 
 
 def make_app(upstreams: Sequence[str]) -> web.Application:
     app = web.Application(client_max_size=64 * 2**20)
     app[UPSTREAMS] = Rotation(upstreams)
-    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(client_session(SESSION, keepalive_timeout=30))
     app.router.add_route("*", "/{path:.*}", relay)
     return app
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -44,34 +44,45 @@ def choose(group: str | None, backends: list[str], assigned: dict[str, str], inf
 async def relay(request: web.Request) -> web.StreamResponse:
     app = request.app
     backend = choose(request.headers.get(GROUP_HEADER), app[BACKENDS], app[ASSIGNED], app[INFLIGHT])
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-    body = await request.read()
     app[INFLIGHT][backend] += 1
     try:
-        async with app[SESSION].request(request.method, backend + request.path_qs, data=body,
-                                        headers=headers) as upstream:
-            resp = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP | {"content-encoding"}})
-            resp.headers["x-kvbench-backend"] = backend
-            await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+        return await stream_through(request, app[SESSION], backend, {"x-kvbench-backend": backend})
     finally:
         app[INFLIGHT][backend] -= 1
+
+
+async def stream_through(request: web.Request, session: aiohttp.ClientSession, base_url: str,
+                         extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Relay `request` to `base_url` + its path, the response streamed back unbuffered
+    (hop-by-hop headers dropped both ways); the benchmarks' small relays share it."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+    body = await request.read()
+    async with session.request(request.method, base_url + request.path_qs, data=body, headers=headers) as upstream:
+        resp = web.StreamResponse(status=upstream.status, headers={
+            k: v for k, v in upstream.headers.items() if k.lower() not in _HOP | {"content-encoding"}})
+        resp.headers.update(extra_headers or {})
+        await resp.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"backends": request.app[BACKENDS], "groups": len(request.app[ASSIGNED])})
 
 
-async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=2)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
-        app[SESSION] = session
-        yield
+def client_session(key: web.AppKey[aiohttp.ClientSession],
+                   keepalive_timeout: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that keeps an upstream session (no total timeout, no decompression) under `key`."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+            app[key] = session
+            yield
+
+    return ctx
 
 
 def make_app(backends: Sequence[str]) -> web.Application:
@@ -79,7 +90,7 @@ def make_app(backends: Sequence[str]) -> web.Application:
     app[BACKENDS] = list(backends)
     app[ASSIGNED] = {}
     app[INFLIGHT] = Counter()
-    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(client_session(SESSION, keepalive_timeout=4))
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/{path:.*}", relay)
     return app
