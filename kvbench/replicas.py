@@ -35,7 +35,7 @@ from kvbench.client import run_workload
 from kvbench.fleet import FleetShape, Sim, gateway_yaml, start_fleet_sims
 from kvbench.front import FRONTS, start_front
 from kvbench.replicas_variants import VARIANTS, Variant, variant
-from kvbench.results import PolicyResult, access_log_decisions, backend_requests, engine_ttft
+from kvbench.results import PolicyResult, access_log_decisions, backend_requests, engine_ttft, progress_bar
 from kvbench.workloads import WORKLOADS, Workload, build
 from mlxd.tiny_model import write_model
 from testbed.mock_lmcache.harness import start_mock_controller
@@ -162,16 +162,6 @@ def run_one(workload: Workload, name: str, n: int, opts: Options, work: Path, ti
     return ReplicaResult(n, front, result, logs, stats, rates)
 
 
-def _progress(total: int, enabled: bool) -> object:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
-
-
 def run_suite(opts: Options, work: Path) -> list[ReplicaResult]:
     """Every workload x variant x N on a fresh fleet; the (variant, N) order rotates per workload."""
     results: list[ReplicaResult] = []
@@ -180,7 +170,7 @@ def run_suite(opts: Options, work: Path) -> list[ReplicaResult]:
     tokenizer = load_tokenizer(model_dir)
     workloads = [build(name, opts.requests_scale, opts.seed, tokenizer) for name in opts.workloads]
     runs = [(p, n) for p in opts.variants for n in opts.replicas]
-    bar = _progress(sum(len(w.requests) for w in workloads) * len(runs), opts.progress)
+    bar = progress_bar(sum(len(w.requests) for w in workloads) * len(runs), opts.progress)
     for i, workload in enumerate(workloads):
         for name, n in runs[i % len(runs):] + runs[:i % len(runs)]:
             if bar is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -121,3 +122,14 @@ class PolicyResult:
         """A result written by `to_json(samples=True)`."""
         return cls(data["workload"], data["policy"], data["label"], [Sample(**s) for s in data.get("samples", [])],
                    float(data.get("elapsed_s", 0.0)), data["per_backend"], data["decisions"], data["skipped"])
+
+
+def progress_bar(total: int, enabled: bool) -> object:
+    """A tqdm bar over `total` requests on stderr; None when disabled or tqdm is absent."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)

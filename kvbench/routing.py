@@ -33,7 +33,7 @@ from kvbench import routing_report
 from kvbench.client import run_workload
 from kvbench.fleet import FleetShape, is_kvgate, label, open_fleet
 from kvbench.peers import PEERS, unavailable
-from kvbench.results import PolicyResult, access_log_decisions, backend_requests
+from kvbench.results import PolicyResult, access_log_decisions, backend_requests, progress_bar
 from kvbench.workloads import WORKLOADS, Workload, build
 from mlxd.tiny_model import write_model
 from testbed.sim_vllm.tokenizer import load_tokenizer
@@ -81,16 +81,6 @@ def run_one(workload: Workload, policy: str, opts: Options, work: Path, progress
     return result
 
 
-def _progress(total: int, enabled: bool) -> object:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
-
-
 def run_suite(opts: Options) -> list[PolicyResult]:
     """Every workload x policy; policies rotate their order per workload (no fixed first slot).
     The sims and kvgate's local tokenizer share a generated tiny model's tokenizer."""
@@ -101,7 +91,7 @@ def run_suite(opts: Options) -> list[PolicyResult]:
         tokenizer = load_tokenizer(model_dir)
         workloads = [build(name, opts.requests_scale, opts.seed, tokenizer) for name in opts.workloads]
         runnable = [p for p in opts.policies if not (p in PEERS and unavailable(p))]
-        bar = _progress(sum(len(w.requests) for w in workloads) * len(runnable), opts.progress)
+        bar = progress_bar(sum(len(w.requests) for w in workloads) * len(runnable), opts.progress)
         for i, workload in enumerate(workloads):
             order = list(opts.policies[i % len(opts.policies):]) + list(opts.policies[:i % len(opts.policies)])
             for policy in order:
