@@ -8,25 +8,11 @@ import random
 import pytest
 
 from filters.keys import CACHE_HINTS, TOKENS, CacheHints, Tokens
-from gateway.config import ClusterConfig, EndpointConfig
-from gateway.endpoints import Endpoint, build_cluster
 from gateway.pickers.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from gateway.pickers.tie_break import near_best, placement_key, rendezvous_pick, rendezvous_weight
 from kvkernel.blocks import block_keys
 from kvkernel.context import DecisionKind, RequestContext
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def fleet(*ids: str) -> list[Endpoint]:
-    return build_cluster(ClusterConfig("llm", [EndpointConfig(e, f"http://127.0.0.1:{9000 + i}")
-                                               for i, e in enumerate(ids)])).endpoints
+from tests.gateway.test_predicted_ttft import Clock, fleet
 
 
 def request(tokens: list[int], matched: dict[str, int] | None = None) -> RequestContext:
