@@ -52,11 +52,18 @@ class Fleet:
 
 
 def gateway_yaml(fleet: Fleet) -> str:
+    return kv_events_yaml(fleet.sims, fleet.model, fleet.gateway_port, fleet.access_log)
+
+
+def kv_events_yaml(sims: dict[str, tuple[int, int, int]], model: Path, port: int = 0,
+                   access_log: Path | None = None) -> str:
+    """A `cache_aware` gateway following each sim's KV events (sim id -> http, events, replay ports)."""
     endpoints = "\n".join(
         f'      - {{id: {sid}, url: "http://{HOST}:{h}", kv_events: {{endpoint: "tcp://{HOST}:{e}", '
-        f'replay_endpoint: "tcp://{HOST}:{r}"}}}}' for sid, (h, e, r) in fleet.sims.items())
+        f'replay_endpoint: "tcp://{HOST}:{r}"}}}}' for sid, (h, e, r) in sims.items())
+    log = f'  - type: access-log\n    config: {{path: "{access_log}"}}\n' if access_log is not None else ""
     return f"""
-server: {{host: {HOST}, port: {fleet.gateway_port}, debug_headers: true}}
+server: {{host: {HOST}, port: {port}, debug_headers: true}}
 clusters:
   - name: llm
     lb_policy: cache_aware
@@ -68,11 +75,9 @@ routes:
 filters:
   - type: prompt
   - type: tokenizer
-    config: {{backend: local, model_dir: "{fleet.model}"}}
+    config: {{backend: local, model_dir: "{model}"}}
   - type: kvcache
-  - type: access-log
-    config: {{path: "{fleet.access_log}"}}
-"""
+{log}"""
 
 
 @pytest.fixture(scope="module")

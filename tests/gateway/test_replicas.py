@@ -15,6 +15,7 @@ import pytest
 
 from testbed.procs import HOST, ManagedProcess, free_ports, start_kvgate
 from tests.conftest import wait_until
+from tests.gateway.test_kv_events_routing import kv_events_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -30,25 +31,7 @@ class Replicas:
 
 def replica_yaml(sims: dict[str, tuple[int, int, int]], model: Path) -> str:
     """The same YAML for both replicas (each gets its port from `--port`)."""
-    endpoints = "\n".join(
-        f'      - {{id: {sid}, url: "http://{HOST}:{h}", kv_events: {{endpoint: "tcp://{HOST}:{e}", '
-        f'replay_endpoint: "tcp://{HOST}:{r}"}}}}' for sid, (h, e, r) in sims.items())
-    return f"""
-server: {{host: {HOST}, port: 0, debug_headers: true}}
-clusters:
-  - name: llm
-    lb_policy: cache_aware
-    health_check: {{path: /health, interval: 200ms, timeout: 1s}}
-    endpoints:
-{endpoints}
-routes:
-  - {{match: {{prefix: /v1/}}, cluster: llm}}
-filters:
-  - type: prompt
-  - type: tokenizer
-    config: {{backend: local, model_dir: "{model}"}}
-  - type: kvcache
-"""
+    return kv_events_yaml(sims, model)
 
 
 @pytest.fixture(scope="module")
