@@ -32,7 +32,7 @@ from gateway.listen import GuardedSite, port_in_use
 from gateway.metrics import enable_multiprocess
 from gateway.plan import GatewayPlan, plan_gateway
 from gateway.reload import GENERATIONS_KEY, ReloadError
-from gateway.state import STATE_KEY
+from gateway.state import SHUTDOWN_GRACE, STATE_KEY
 from kvkernel.decode import ConfigError
 from kvkernel.logfmt import add_log_format_arg, configure_logging
 
@@ -43,7 +43,6 @@ log = logging.getLogger("kvgate.serve")
 # and a SIGHUP (reload) sent then is applied once the gateway runs instead of killing it.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _EARLY_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
-_SHUTDOWN_GRACE = 0.5  # seconds a request still running at the drain deadline gets before it is cancelled
 
 
 def load_and_plan(path: str) -> tuple[GatewayConfig, GatewayPlan]:
@@ -81,7 +80,7 @@ async def run_gateway(config: GatewayConfig, plans: GatewayPlan | Sequence[Filte
     # upstream connection, so the backend stops generating for nobody.
     # shutdown_timeout: the drain below has already waited for the in-flight requests; what is
     # still running at the deadline gets only a short grace before it is cancelled.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE,
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
                            handler_cancellation=True)
     await runner.setup()
     site = GuardedSite(runner, server.limits, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)

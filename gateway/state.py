@@ -19,6 +19,10 @@ from gateway.pickers.base import Picker
 from gateway.prefix_index import PrefixIndex
 from gateway.routes import RouteTable
 
+# Seconds shutdown still gets after the drain deadline: a request still running there is then
+# cancelled; the background queue and the clients close within it.
+SHUTDOWN_GRACE = 0.5
+
 
 @dataclass
 class GatewayState:
@@ -41,15 +45,12 @@ class GatewayState:
         """Seconds left before the drain deadline (at least a short grace), `fallback` when not draining."""
         if self.drain_deadline is None:
             return fallback
-        return max(_SHUTDOWN_GRACE, self.drain_deadline - asyncio.get_running_loop().time())
+        return max(SHUTDOWN_GRACE, self.drain_deadline - asyncio.get_running_loop().time())
 
     def load(self) -> float:
         """Gateway load as in-flight requests per endpoint (0 = idle)."""
         total = max(1, len(self.clusters.all_endpoints()))
         return self.inflight / (8.0 * total)
 
-
-# What shutdown still gets after the drain deadline: closing sockets and clients, not more requests.
-_SHUTDOWN_GRACE = 0.5
 
 STATE_KEY = web.AppKey("kvgate_state", GatewayState)
