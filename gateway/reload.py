@@ -36,11 +36,12 @@ those read per request are not applied live: the answer lists them under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -61,6 +62,8 @@ from gateway.proxy import Proxy
 from gateway.routes import RouteTable
 from gateway.state import GatewayState
 from kvkernel.decode import ConfigError
+
+T = TypeVar("T")
 
 log = logging.getLogger("kvgate.reload")
 
@@ -109,7 +112,7 @@ class Generations:
     reload_listeners: list[Callable[[GatewayConfig], Awaitable[None]]] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _drain_scheduled: bool = False
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def services(self, clusters: ClusterRegistry) -> Services:
         root = self.root
@@ -157,7 +160,14 @@ class Generations:
             self._check_drained()
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config file and swap generations; ReloadError leaves everything as it was."""
+        """Re-read the config file and swap generations; ReloadError leaves everything as it was.
+        The reload runs to its end in a task of its own: a caller that is cancelled (the
+        admin client went away) stops waiting for it but does not stop it half-way."""
+        task = self._spawn(self._reload())
+        task.add_done_callback(_seen)
+        return await asyncio.shield(task)
+
+    async def _reload(self) -> dict[str, Any]:
         async with self._lock:
             if self.config_path is None:
                 raise ReloadError("this gateway was not started from a config file; nothing to reload")
@@ -288,7 +298,8 @@ class Generations:
     async def close(self) -> None:
         """Shutdown: close every generation's filters (each once)."""
         for task in list(self._tasks):
-            await task
+            with contextlib.suppress(ReloadError):  # a reload's outcome went to its caller (or the log)
+                await task
         closing = {f: None for g in [*self.retired, self.current] if g is not None for f in g.chain.filters}
         await FilterChain(list(closing)).close()
 
@@ -313,10 +324,18 @@ class Generations:
         self._spawn(old.close())
         self.start_monitor(old.streaks)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    """Done-callback of a reload whose caller may have gone: a rejected config was logged
+    already; anything else is logged here rather than lost."""
+    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, ReloadError):
+        log.error("config reload failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
 
 def _unproven(static: GatewayConfig, discovered: Mapping[str, Sequence[EndpointConfig]]) -> set[str]:

@@ -47,6 +47,22 @@ class BrokenOnStart(Filter):
         raise RuntimeError("cannot open its resource")
 
 
+SLOW_START = asyncio.Event()
+
+
+@register("test-reload-slow")
+class SlowToStart(Filter):
+    """Starts only when the test opens SLOW_START, so a reload can be caught half-way."""
+
+    async def start(self) -> None:
+        EVENTS.append(("starting", self.name))
+        await SLOW_START.wait()
+        EVENTS.append(("start", self.name))
+
+    async def on_response(self, ctx: Any, head: Any) -> None:
+        head.headers["x-probe"] = self.name
+
+
 class Rig:
     def __init__(self, tmp_path: Path, ports: dict[str, int]) -> None:
         self.path = tmp_path / "gw.yaml"
@@ -90,7 +106,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Rig, dict[str, FakeBackend]
     rig.write(extra_filters="  - type: test-reload-probe\n    name: probe-1\n")
     app = create_app(load_config(rig.path), monitor=False, config_path=str(rig.path))
     rig.gateway = TestServer(app, host="127.0.0.1")
-    await rig.gateway.start_server()
+    await rig.gateway.start_server()  # cancels a handler whose client goes away, as `kvgate serve` does
     EVENTS.clear()
     yield rig, fakes
     await rig.gateway.close()
@@ -203,3 +219,29 @@ async def test_a_rejected_reload_leaves_carried_over_filters_on_the_old_clusters
     assert (await gw.reload())[0] == 400
     assert probe.name == "probe-1" and probe.services.clusters is before
     assert [e.id for e in gw.state.clusters.all_endpoints()] == ["a", "b"]
+
+
+async def test_a_reload_whose_client_goes_away_still_completes(rig: tuple[Rig, Any]) -> None:
+    """`kvgate serve` cancels a handler whose client disconnects; a reload must not stop
+    half-way (new generation current but the config, feed and monitor of the old one)."""
+    gw, _ = rig
+    SLOW_START.clear()
+    gw.write(extra_filters="  - type: test-reload-slow\n    name: slow-1\n")
+    generations = gw.gateway.app[GENERATIONS_KEY]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        request = asyncio.ensure_future(session.post(gw.url + "/admin/reload"))
+        await wait_until(lambda: ("starting", "slow-1") in EVENTS, timeout=5, message="the reload began")
+        request.cancel()  # the admin client goes away while the new filter is starting
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await asyncio.sleep(0.05)  # the server notices the closed connection and cancels its handler
+    assert generations.current.number == 0
+    SLOW_START.set()
+    await wait_until(lambda: generations.current.number == 1, timeout=5, message="the reload finished")
+    assert [f.name for f in generations.current.chain.filters] == ["prompt", "slow-1", "access-log"]
+    assert generations.static is not None and "slow-1" in [f.name for f in generations.static.filters]
+    status, headers = await gw.complete()
+    assert status == 200 and headers["x-probe"] == "slow-1"
+    gw.write(extra_filters="  - type: test-reload-probe\n    name: probe-3\n")
+    assert (await gw.reload())[0] == 200  # the lock was released
+    assert (await gw.complete())[1]["x-probe"] == "probe-3"
